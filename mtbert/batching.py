@@ -1,0 +1,190 @@
+"""Tokenize once (cached on disk), then serve dynamically padded batches per task.
+
+The cache key hashes the rows' text, the tokenizer's full definition, the maximum length
+and the pair encoding, so a changed file, tokenizer or length is never served stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mtbert.data import Split
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class Encoded:
+    """Token ids of a split, ragged: sequence i is ids[offsets[i]:offsets[i+1]].
+
+    Siamese pairs hold 2N sequences (all first sentences, then all second ones).
+    """
+
+    ids: Tensor
+    types: Tensor | None
+    offsets: Tensor
+    labels: Tensor | None
+    pairs: bool  # True when each example is two sequences (siamese)
+
+    def __len__(self) -> int:
+        n = len(self.offsets) - 1
+        return n // 2 if self.pairs else n
+
+    def lengths(self) -> Tensor:
+        lengths = self.offsets.diff()
+        if self.pairs:
+            half = len(self)
+            lengths = torch.maximum(lengths[:half], lengths[half:])
+        return lengths
+
+
+def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
+           cache_dir: str | os.PathLike | None = None) -> Encoded:
+    """Tokenize a split with the fast tokenizer, reading and writing the disk cache.
+
+    Pairs are encoded as one `s1 [SEP] s2` sequence, or with `siamese` each sentence alone.
+    """
+    siamese = siamese and split.task.is_pair
+    key = _cache_key(split, tokenizer, max_length, siamese)
+    path = Path(cache_dir) / f"{split.path.stem}-{key}.pt" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            stored = torch.load(path, weights_only=True)
+            return Encoded(**stored, pairs=siamese)
+        except Exception as e:  # a broken cache file is rebuilt, never trusted
+            log.warning("ignoring unreadable token cache %s (%s)", path, e)
+
+    texts = split.texts
+    if siamese:
+        out = tokenizer(texts[0] + texts[1], truncation=True, max_length=max_length)
+    else:
+        out = tokenizer(*texts, truncation=True, max_length=max_length,
+                        return_token_type_ids=split.task.is_pair)
+    lengths = torch.tensor([len(x) for x in out["input_ids"]])
+    stored = {
+        "ids": torch.tensor([t for x in out["input_ids"] for t in x], dtype=torch.int32),
+        "types": (torch.tensor([t for x in out["token_type_ids"] for t in x], dtype=torch.int8)
+                  if split.task.is_pair and not siamese else None),
+        "offsets": torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+        "labels": torch.tensor(split.labels, dtype=torch.float32) if split.labels else None,
+    }
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(stored, tmp)
+        os.replace(tmp, path)
+    return Encoded(**stored, pairs=siamese)
+
+
+def _cache_key(split: Split, tokenizer, max_length: int, siamese: bool) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    h.update(json.dumps([max_length, siamese, split.task.is_pair, split.labels is not None]).encode())
+    for column in split.texts:
+        h.update("\x1f".join(column).encode())
+        h.update(b"\x1e")
+    if split.labels is not None:
+        h.update(json.dumps(split.labels).encode())
+    return h.hexdigest()[:20]
+
+
+@dataclass
+class Batch:
+    """A padded batch. For siamese pairs `input_ids` has 2B rows: first sentences, then second."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    token_type_ids: Tensor | None
+    labels: Tensor | None
+    index: Tensor  # positions of the examples in their split
+
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: (v.to(device, non_blocking=non_blocking) if v is not None else None)
+                        for f in fields(self) for v in [getattr(self, f.name)]})
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> Tensor:
+        return self.attention_mask.sum()
+
+
+def collate(enc: Encoded, index: Tensor, pad_id: int = 0) -> Batch:
+    """Pad the chosen examples to the longest sequence among them."""
+    rows = torch.cat([index, index + len(enc)]) if enc.pairs else index
+    starts, ends = enc.offsets[rows], enc.offsets[rows + 1]
+    lengths = ends - starts
+    width = int(lengths.max())
+    positions = torch.arange(width)
+    mask = positions < lengths[:, None]
+    gather = (starts[:, None] + positions).clamp(max=len(enc.ids) - 1)
+    input_ids = torch.where(mask, enc.ids[gather].long(), pad_id)
+    types = torch.where(mask, enc.types[gather].long(), 0) if enc.types is not None else None
+    labels = enc.labels[index] if enc.labels is not None else None
+    return Batch(input_ids, mask.long(), types, labels, index)
+
+
+class TaskStream:
+    """An endless, reshuffled stream of one task's training batches.
+
+    One pass over the data is `len(self)` batches. With `bucket_batches > 1`, each shuffled
+    pool of that many batches is sorted by length before it is cut into batches, and the
+    batches are shuffled again: far less padding, order still random.
+    """
+
+    def __init__(self, enc: Encoded, batch_size: int, generator: torch.Generator,
+                 bucket_batches: int = 1, pad_id: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+        self.enc, self.batch_size, self.generator = enc, batch_size, generator
+        self.bucket_batches, self.pad_id = bucket_batches, pad_id
+        self._batches: list[Tensor] = []
+        self._position = 0
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.enc) // self.batch_size)
+
+    def restart(self):
+        """Start a fresh shuffled pass (the sampler does this at each epoch)."""
+        order = torch.randperm(len(self.enc), generator=self.generator)
+        if self.bucket_batches > 1:
+            lengths = self.enc.lengths()
+            pool = self.batch_size * self.bucket_batches
+            order = torch.cat([chunk[lengths[chunk].argsort(stable=True)]
+                               for chunk in order.split(pool)])
+        batches = list(order.split(self.batch_size))
+        if self.bucket_batches > 1:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator)]
+        self._batches, self._position = batches, 0
+        self.passes += 1
+
+    def next(self) -> Batch:
+        if self._position >= len(self._batches):
+            self.restart()
+        index = self._batches[self._position]
+        self._position += 1
+        return collate(self.enc, index, self.pad_id)
+
+
+def eval_batches(enc: Encoded, max_tokens: int = 16384, pad_id: int = 0):
+    """Batches in length order, each up to about `max_tokens` padded tokens: fast inference."""
+    order = enc.lengths().argsort()
+    lengths = enc.lengths()[order].tolist()
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and (end - start + 1) * lengths[end] <= max_tokens:
+            end += 1
+        yield collate(enc, order[start:end], pad_id)
+        start = end

@@ -1,0 +1,76 @@
+"""Dev metrics: accuracy, Pearson r (scipy), the paper's mean and the CS224N overall score."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from scipy.stats import pearsonr
+
+from mtbert.batching import Encoded, eval_batches
+from mtbert.data import Task
+from mtbert.device import autocast
+from mtbert.losses import Objective
+
+log = logging.getLogger(__name__)
+
+PAPER_METRICS = ("sst_acc", "para_acc", "sts_pearson")
+
+
+@torch.inference_mode()
+def predict(model, task: Task, objective: Objective, enc: Encoded, device, precision: str,
+            max_tokens: int = 16384) -> torch.Tensor:
+    """Predictions for every example of `enc`, in file order (batches run in length order)."""
+    was_training = model.training
+    model.eval()
+    out = torch.empty(len(enc))
+    for batch in eval_batches(enc, max_tokens):
+        with autocast(device, precision):
+            output = model(task.name, batch.to(device, non_blocking=True))
+        out[batch.index] = objective.predict(output, task).float().cpu()
+    model.train(was_training)
+    return out
+
+
+def score(task: Task, predictions: torch.Tensor, labels: torch.Tensor) -> float | None:
+    if task.metric == "acc":
+        return (predictions == labels).float().mean().item()
+    if predictions.std() == 0:
+        log.warning("%s: constant predictions, Pearson r is undefined (recorded as null)", task.name)
+        return None
+    return float(pearsonr(predictions.numpy(), labels.numpy()).statistic)
+
+
+def summarize(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    """Add `mean` (the paper's average of the three) and `overall` (CS224N's, with STS
+    rescaled to [0, 1]); both null unless all three paper metrics are known."""
+    values = [metrics.get(k) for k in PAPER_METRICS]
+    if any(v is None or math.isnan(v) for v in values):
+        return {**metrics, "mean": None, "overall": None}
+    sst, para, sts = values
+    return {**metrics, "mean": (sst + para + sts) / 3, "overall": (sst + para + (sts + 1) / 2) / 3}
+
+
+def evaluate(model, dev: dict[str, tuple[Task, Encoded]], objectives: dict[str, Objective],
+             device, precision: str) -> dict[str, float | None]:
+    metrics = {}
+    for name, (task, enc) in dev.items():
+        predictions = predict(model, task, objectives[name], enc, device, precision)
+        metrics[task.metric_key] = score(task, predictions, enc.labels)
+    return summarize(metrics)
+
+
+def format_metrics(metrics: dict) -> str:
+    return " ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in metrics.items())
+
+
+def format_table(metrics: dict | None) -> str:
+    """The dev scores as a small aligned table for the terminal."""
+    if not metrics:
+        return "no dev scores (the run did not reach an evaluation)"
+    width = max(len(k) for k in metrics)
+    rows = [f"{'dev metric':<{width}}  score", f"{'-' * width}  -----"]
+    rows += [f"{k:<{width}}  {v:.4f}" if v is not None else f"{k:<{width}}  n/a"
+             for k, v in metrics.items()]
+    return "\n".join(rows)

