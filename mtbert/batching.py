@@ -86,7 +86,12 @@ def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
 def _cache_key(split: Split, tokenizer, max_length: int, siamese: bool) -> str:
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(tokenizer)).encode())
+    if backend is None:
+        raise TypeError("mtbert needs a fast (tokenizers-backed) tokenizer")
+    definition = json.loads(backend.to_str())
+    definition.pop("truncation", None)  # per-call settings, changed by every call
+    definition.pop("padding", None)
+    h.update(json.dumps(definition, sort_keys=True).encode())
     h.update(json.dumps([max_length, siamese, split.task.is_pair, split.labels is not None]).encode())
     for column in split.texts:
         h.update("\x1f".join(column).encode())
