@@ -1,22 +1,157 @@
 """Gradient methods: how the step's task losses become gradients (paper section 3.8).
 
-`Sum` is plain multitask training (eq. 1: backpropagate the weighted sum). Methods that
-combine per-task gradients of the shared parameters (PCGrad and friends) subclass
-`GradientMethod` with the same `backward` signature.
+`Sum` is plain multitask training (eq. 1: backpropagate the weighted sum). `PCGrad` is
+gradient surgery (Yu et al. 2020) and `Aggregated` any torchjd aggregator (UPGrad, MGDA,
+...): both combine the per-task gradients of the shared parameters that `TaskGradients`
+collects. A head is reached by its own task's loss only, so it always gets that task's
+gradient unchanged.
+
+Unlike Pytorch-PCGrad, which the paper used, a parameter that no task reaches (a frozen
+encoder, BERT's unused pooler) keeps `.grad = None`, so AdamW neither moves nor decays
+it, and the per-group learning rates and schedule act on the real optimizer.
 """
 
 from __future__ import annotations
 
+import math
+from functools import cached_property
+
+import torch
 from torch import Tensor, nn
 
 
+class TaskGradients:
+    """The step's task gradients on the shared parameters: row i of `matrix` [T, P] is
+    task i's gradient, flattened. The only extra memory is this one vector per task.
+
+    Each task's loss is backpropagated alone; the gradients it leaves on the shared
+    parameters move into its row, while those on its head stay. Expects the shared
+    parameters' gradients cleared (`zero_grad(set_to_none=True)`).
+    """
+
+    def __init__(self, losses: dict[str, Tensor], shared: list[nn.Parameter]):
+        self.tasks, self.params = list(losses), shared
+        self.sizes = [p.numel() for p in shared]
+        dtype = shared[0].dtype if shared else torch.float32
+        device = shared[0].device if shared else None
+        self.matrix = torch.zeros(len(losses), sum(self.sizes), dtype=dtype, device=device)
+        self.reached = [False] * len(shared)
+        for i, loss in enumerate(losses.values()):
+            loss.backward(retain_graph=i < len(losses) - 1)  # the tasks' graphs may overlap
+            for k, (p, row) in enumerate(zip(shared, self.matrix[i].split(self.sizes))):
+                if p.grad is not None:
+                    row.view_as(p).copy_(p.grad)
+                    self.reached[k] = True
+                    p.grad = None
+
+    @cached_property
+    def gram(self) -> Tensor:
+        """[T, T] dot products of the task gradients, in float64 on the CPU."""
+        return (self.matrix @ self.matrix.T).double().cpu()
+
+    def write(self, combined: Tensor):
+        """Set each reached shared parameter's `.grad` to its slice of `combined` [P]."""
+        for p, g, reached in zip(self.params, combined.split(self.sizes), self.reached):
+            if reached:
+                p.grad = g.view_as(p)
+
+    def diagnostics(self, projections: int | None) -> dict:
+        """Norms and pairwise cosines of the task gradients (null where a norm is 0)."""
+        norms = self.gram.diagonal().sqrt().tolist()
+        cos = {}
+        for i in range(len(self.tasks)):
+            for j in range(i + 1, len(self.tasks)):
+                denominator = norms[i] * norms[j]
+                cos[f"{self.tasks[i]}|{self.tasks[j]}"] = (
+                    self.gram[i, j].item() / denominator if denominator > 0 else math.nan)
+        return {"cos": cos, "norm": dict(zip(self.tasks, norms)), "projections": projections}
+
+
 class GradientMethod:
-    def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter]) -> dict | None:
-        """Write gradients into `.grad`; return diagnostics to log, or None."""
+    """Turns the step's task losses into `.grad` on every parameter.
+
+    A subclass says how it combines the task gradients (`combine`) and on which steps that
+    is just their sum (`sums`), for which one backward of the summed loss is enough.
+    `seed` is the run seed, for methods that make random choices.
+    """
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter],
+                 diagnose: bool = False) -> dict | None:
+        """Write gradients into `.grad`; with `diagnose`, return the task gradients'
+        diagnostics (a `grad` event's fields)."""
+        if not diagnose and self.sums(losses):
+            sum(losses.values()).backward()
+            return None
+        grads = TaskGradients(losses, shared)
+        combined, projections = self.combine(grads)
+        grads.write(combined)
+        return grads.diagnostics(projections) if diagnose else None
+
+    def sums(self, losses: dict[str, Tensor]) -> bool:
+        return False
+
+    def combine(self, grads: TaskGradients) -> tuple[Tensor, int | None]:
+        """The shared parameters' gradient [P], and the number of projections (or None)."""
         raise NotImplementedError
 
 
 class Sum(GradientMethod):
-    def backward(self, losses, shared):
-        sum(losses.values()).backward()
-        return None
+    def sums(self, losses):
+        return True
+
+    def combine(self, grads):
+        return grads.matrix.sum(0), None
+
+
+class PCGrad(GradientMethod):
+    """Gradient surgery (Yu et al. 2020, Algorithm 1).
+
+    For each task i, the other tasks j are visited in random order; where the projected
+    g_i conflicts with the original g_j (g_i . g_j < 0), g_i loses its component along
+    g_j. A projected gradient is a linear combination of the task gradients, so it is
+    tracked as coefficients and every dot product comes from the Gram matrix: the T x P
+    task gradients are touched twice, for the Gram matrix and for the combination.
+    """
+
+    def __init__(self, reduction: str = "sum", seed: int = 0):
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"optim.reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sums(self, losses):
+        return len(losses) == 1
+
+    def coefficients(self, gram: Tensor) -> tuple[Tensor, int]:
+        """Row i: projected g_i over the original task gradients; and the projections made."""
+        tasks = gram.shape[0]
+        coefficients = torch.eye(tasks, dtype=gram.dtype)
+        projections = 0
+        for i in range(tasks):
+            for j in torch.randperm(tasks, generator=self.generator).tolist():
+                if j == i:
+                    continue
+                dot = gram[j] @ coefficients[i]  # (projected g_i) . g_j
+                if dot < 0:
+                    coefficients[i, j] -= dot / gram[j, j]
+                    projections += 1
+        return coefficients, projections
+
+    def combine(self, grads):
+        coefficients, projections = self.coefficients(grads.gram)
+        weights = coefficients.sum(0) / (len(grads.tasks) if self.reduction == "mean" else 1)
+        return weights.to(grads.matrix) @ grads.matrix, projections
+
+
+class Aggregated(GradientMethod):
+    """A torchjd aggregator (`torchjd.aggregation`: UPGrad, MGDA, CAGrad, ...) applied to
+    the matrix of task gradients, as in Jacobian descent."""
+
+    def __init__(self, aggregator, seed: int = 0):
+        self.aggregator = aggregator
+
+    def combine(self, grads):
+        return self.aggregator(grads.matrix), None

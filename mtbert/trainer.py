@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from mtbert.batching import TaskStream, encode
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
+from mtbert.diagnostics import plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
@@ -65,8 +66,12 @@ def build_objectives(cfg: DictConfig, tasks: dict[str, Task]) -> dict:
     return objectives
 
 
-def build_model(cfg: DictConfig, tasks, objectives) -> MultitaskBert:
-    return instantiate(cfg.model, _partial_=True, _convert_="all")(tasks=tasks, objectives=objectives)
+def build_network(cfg: DictConfig):
+    """Tasks, their objectives, the model and its tokenizer: what training and prediction share."""
+    tasks = declared_tasks(cfg)
+    objectives = build_objectives(cfg, tasks)
+    model = instantiate(cfg.model, _partial_=True, _convert_="all")(tasks=tasks, objectives=objectives)
+    return tasks, objectives, model, load_tokenizer(cfg.model.source)
 
 
 def row_limit(limit, task: str) -> int | None:
@@ -96,24 +101,21 @@ class Setup:
 
     def __init__(self, cfg: DictConfig, run: RunDir):
         self.cfg, self.run = cfg, run
-        self.tasks = declared_tasks(cfg)
+        torch.manual_seed(cfg.seed)
+        self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
         self.sampler = instantiate(cfg.sampler, _convert_="all")
         self.train_tasks = self.sampler.tasks or list(self.tasks)
         check_task_names(self.train_tasks, self.tasks, "sampler.tasks")
         weights = dict(cfg.loss.get("weights") or {})
         check_task_names(weights, self.tasks, "loss.weights")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}
-        self.objectives = build_objectives(cfg, self.tasks)
         self.schedule = instantiate(cfg.schedule, _convert_="all")
-        self.gradient = instantiate(cfg.optim.gradient, _convert_="all")
+        self.gradient = instantiate(cfg.optim.gradient, _convert_="all", seed=cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
-
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.tasks, self.objectives).to(self.device)
+        self.model.to(self.device)
         self.optimizer = instantiate(cfg.optim.optimizer)(
             param_groups(self.model, cfg.optim.lr, self.tasks))
-        self.tokenizer = load_tokenizer(cfg.model.source)
         self.train, self.dev = self._load_data()
 
     def _load_data(self):
@@ -159,6 +161,7 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
     eval_every = max(1, math.ceil(steps_per_epoch / tcfg.evals_per_epoch))
     scheduler = s.schedule.lr_scheduler(optimizer, total_steps)
     shared = list(model.encoder.parameters()) + list(model.shared.parameters())
+    grad_every = cfg.diagnostics.grad_every  # log the task gradients' conflict every that many steps
     log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s",
              "+".join(s.train_tasks), s.device, s.precision, total_steps, steps_per_epoch, sizes)
 
@@ -208,7 +211,10 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
                 losses[t] = s.weights[t] * s.objectives[t].loss(output, batch.labels, tasks[t])
                 seen[t] += len(batch.index)
                 sentences += batch.num_sequences
-            s.gradient.backward(losses, [p for p in shared if p.requires_grad])
+            diagnostics = s.gradient.backward(losses, [p for p in shared if p.requires_grad],
+                                              diagnose=bool(grad_every) and step % grad_every == 0)
+            if diagnostics:
+                run.event("grad", step, **diagnostics)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -246,6 +252,8 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
             break
     if last_eval != step:
         run_eval(epoch)
+    if grad_every:
+        plot_grad_conflict(run.path)
 
     return {"dev": best["metrics"], "best_epoch": best["epoch"], "best_step": best["step"],
             "steps": step, "examples_seen": dict(seen),

@@ -1,0 +1,89 @@
+"""Prediction files in the CS224N format from a run's best checkpoint.
+
+    python -m mtbert.predict RUN_DIR [--splits dev test] [--out DIR] [--device cpu]
+
+Writes `<task>-<split>-output.csv` (e.g. sst-dev-output.csv) with the starter code's
+layout: a header `id \\t Predicted_Sentiment` and one `id , prediction` line per row. Every
+row with an id and its sentences gets a prediction, labelled or not; a split whose file
+is missing (there is no quora-test-student.csv) is skipped with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from mtbert.batching import encode
+from mtbert.data import RejectedRows, read_split
+from mtbert.device import resolve_device, resolve_precision
+from mtbert.evaluate import predict
+from mtbert.rundir import load_model_weights
+from mtbert.trainer import build_network
+
+log = logging.getLogger("mtbert.predict")
+
+
+def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
+                      device: str = "auto", data_root: str | None = None) -> list[Path]:
+    config = run_dir / ".hydra" / "config.yaml"
+    checkpoint = run_dir / "checkpoints" / "best.safetensors"
+    for path in (config, checkpoint):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: is {run_dir} a finished mtbert run directory?")
+    cfg = OmegaConf.load(config)
+    if data_root:
+        cfg.data.root = data_root
+    tasks, objectives, model, tokenizer = build_network(cfg)
+    load_model_weights(model, checkpoint)
+    dev = resolve_device(device)
+    precision = resolve_precision(cfg.trainer.precision, dev)
+    model.to(dev)
+    out = out or run_dir / "predictions"
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, task in tasks.items():
+        for split in splits:
+            path = Path(cfg.data.root).expanduser() / task.files.get(split, "")
+            if split not in task.files or not path.is_file():
+                print(f"{name} {split}: no file {path}, skipped")
+                continue
+            rejected = RejectedRows("skip")
+            rows = read_split(task, path, rejected, labelled=False)
+            enc = encode(rows, tokenizer, cfg.data.max_length,
+                         model.encodings[name] == "siamese", cfg.data.cache_dir)
+            values = predict(model, task, objectives[name], enc, dev, precision)
+            target = out / f"{name}-{split}-output.csv"
+            with open(target, "w") as f:
+                f.write(f"id \t {task.prediction_header} \n")
+                for row_id, value in zip(rows.ids, values.tolist()):
+                    text = str(int(value)) if task.classes else f"{value:.6g}"
+                    f.write(f"{row_id} , {text} \n")
+            print(f"{name} {split}: {len(rows)} predictions -> {target}"
+                  + (f" ({len(rejected.rows)} unusable rows skipped)" if rejected.rows else ""))
+            written.append(target)
+    return written
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--splits", nargs="+", default=["dev", "test"])
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/predictions")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-root", default=None, help="override the run's data.root")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        write_predictions(args.run_dir, args.splits, args.out, args.device, args.data_root)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,81 @@
+"""Every config composes, and every bad value is reported before training, naming its key."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mtbert.data import DataError
+from mtbert.rundir import RunDir
+from mtbert.trainer import ConfigError, Setup, build_objectives, declared_tasks
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def make(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes_and_builds(group, option):
+    cfg = make(f"{group}={option}")
+    tasks = declared_tasks(cfg)
+    assert set(tasks) == {"sst", "para", "sts"}
+    build_objectives(cfg, tasks)
+    instantiate(cfg.sampler)
+    instantiate(cfg.schedule)
+    instantiate(cfg.optim.gradient)
+
+
+def test_table1_rows_are_experiments():
+    rows = {"milestone_baseline", "random_sequential", "rr_under", "rr_over", "rro_hp_cs"}
+    assert rows <= set(options("experiment"))
+    cfg = make("experiment=rro_hp_cs")
+    assert cfg.optim.lr.heads.sst == 9.5e-4 and cfg.schedule.gamma == 0.7
+    assert cfg.loss.objectives.sts._target_.endswith("CosineEmbedding")
+    assert list(make("experiment=milestone_baseline").sampler.tasks) == ["sst"]
+
+
+def test_budgets():
+    paper = make("budget=paper")
+    assert (paper.trainer.epochs, paper.data.batch_size, paper.model.dropout) == (30, 64, 0.3)
+    assert make("budget=smoke").trainer.max_seconds is not None
+
+
+def test_data_root_from_environment(monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", "/somewhere/else")
+    assert make().data.root == "/somewhere/else"
+    monkeypatch.delenv("MTBERT_DATA_DIR")
+    assert make().data.root == "data"
+
+
+@pytest.mark.parametrize("override, error, message", [
+    ("sampler.tasks=[sst,imdb]", ConfigError, r"sampler.tasks names unknown task\(s\) \['imdb'\]"),
+    ("sampler.sigma=0", Exception, "sampler.sigma must be a positive integer"),
+    ("+loss.weights.cfimdb=2", ConfigError, "loss.weights names unknown task"),
+    ("optim.lr.heads={sst:1e-3}", ConfigError, r"optim.lr.heads has no learning rate for task\(s\) \['para', 'sts'\]"),
+    ("optim.lr.encoder=0", ConfigError, "optim.lr for encoder must be > 0"),
+    ("data.bad_rows=drop", ValueError, "data.bad_rows must be 'skip' or 'error'"),
+    ("trainer.precision=fp8", ValueError, "trainer.precision must be one of"),
+    ("schedule.gamma=1.5", Exception, r"schedule.gamma must lie in \(0, 1\]"),
+    ("model.pooling=max", Exception, "model.pooling must be one of"),
+    ("loss.objectives.sts._target_=mtbert.losses.CrossEntropy", ConfigError,
+     "loss.objectives.sts: CrossEntropy needs a classification task"),
+])
+def test_bad_values_name_their_key(override, error, message, data_dir, tmp_path):
+    cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", override)
+    with pytest.raises(error, match=message):
+        Setup(cfg, RunDir(tmp_path / "run"))
+
+
+def test_missing_data_directory_says_how_to_get_it(tmp_path):
+    cfg = make("model=tiny", f"data.root={tmp_path}/nowhere")
+    with pytest.raises(DataError, match=r"data.root=.*nowhere is not a directory.*MTBERT_DATA_DIR"):
+        Setup(cfg, RunDir(tmp_path / "run"))
