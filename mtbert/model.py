@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from mtbert.batching import Batch
 from mtbert.data import Task
@@ -40,6 +41,7 @@ def load_tokenizer(source: str):
 
 
 def load_encoder(source: str, random_init: dict | None = None) -> nn.Module:
+    hf_logging.disable_progress_bar()  # a bar per load clutters logs; our progress lines suffice
     path = resolve_source(source)
     if random_init:
         return AutoModel.from_config(AutoConfig.from_pretrained(path, **random_init))

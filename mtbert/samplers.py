@@ -3,11 +3,16 @@
 A sampler sees only the number of batches in one pass over each training task and
 yields, step by step, the tasks whose next batch goes into that step. Every task's
 stream is reshuffled at the start of each epoch, as `for batch in loader` would be.
+Algorithms 1-3 are the paper's; the samplers that draw one task per step at random
+(`Drawn` and its subclasses) are the study extended.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
+
+import torch
 
 
 class TaskSampler:
@@ -21,9 +26,17 @@ class TaskSampler:
     def steps_per_epoch(self, sizes: dict[str, int]) -> int:
         raise NotImplementedError
 
-    def epoch(self, sizes: dict[str, int]) -> Iterator[tuple[str, ...]]:
-        """The tasks of each step in one epoch; `sizes` maps task -> batches per pass."""
+    def epoch(self, sizes: dict[str, int], generator: torch.Generator | None = None,
+              step: int = 0, total_steps: int = 1) -> Iterator[tuple[str, ...]]:
+        """The tasks of each step in one epoch; `sizes` maps task -> batches per pass.
+
+        `generator` (seeded by the run), the run's current `step` and `total_steps` serve
+        samplers that draw at random or change over training.
+        """
         raise NotImplementedError
+
+    def observe(self, scores: dict[str, float | None]):
+        """Dev scores per training task after each evaluation (for adaptive samplers)."""
 
 
 class RandomSequential(TaskSampler):
@@ -32,7 +45,7 @@ class RandomSequential(TaskSampler):
     def steps_per_epoch(self, sizes):
         return sum(sizes.values())
 
-    def epoch(self, sizes):
+    def epoch(self, sizes, generator=None, step=0, total_steps=1):
         for task, n in sizes.items():
             for _ in range(n):
                 yield (task,)
@@ -48,7 +61,7 @@ class RoundRobinUnder(TaskSampler):
     def steps_per_epoch(self, sizes):
         return min(sizes.values())
 
-    def epoch(self, sizes):
+    def epoch(self, sizes, generator=None, step=0, total_steps=1):
         for _ in range(self.steps_per_epoch(sizes)):
             yield tuple(sizes)
 
@@ -67,6 +80,110 @@ class RoundRobinOver(TaskSampler):
     def steps_per_epoch(self, sizes):
         return self.sigma or max(sizes.values())
 
-    def epoch(self, sizes):
+    def epoch(self, sizes, generator=None, step=0, total_steps=1):
         for _ in range(self.steps_per_epoch(sizes)):
             yield tuple(sizes)
+
+
+class Drawn(TaskSampler):
+    """One task per step, drawn with probability proportional to `weights`.
+
+    An epoch is `steps` steps (null: as many as there are batches in one pass over all
+    tasks, the length of Algorithm 1's epoch), so an epoch sees the same number of
+    batches under every drawn sampler.
+    """
+
+    def __init__(self, steps: int | None = None, tasks: Sequence[str] | None = None):
+        super().__init__(tasks)
+        if steps is not None and (not isinstance(steps, int) or steps <= 0):
+            raise ValueError(f"sampler.steps must be a positive integer or null, got {steps!r}")
+        self.steps = steps
+
+    def weights(self, sizes: dict[str, int], progress: float) -> dict[str, float]:
+        raise NotImplementedError
+
+    def probabilities(self, sizes: dict[str, int], progress: float = 0.0) -> dict[str, float]:
+        w = self.weights(sizes, progress)
+        total = sum(w.values())
+        return {t: v / total for t, v in w.items()}
+
+    def steps_per_epoch(self, sizes):
+        return self.steps or sum(sizes.values())
+
+    def epoch(self, sizes, generator=None, step=0, total_steps=1):
+        names = list(sizes)
+        for i in range(self.steps_per_epoch(sizes)):
+            p = self.probabilities(sizes, min(1.0, (step + i) / total_steps))
+            draw = torch.multinomial(torch.tensor([p[t] for t in names]), 1, generator=generator)
+            yield (names[int(draw)],)
+
+
+class Proportional(Drawn):
+    """p_t proportional to the task's dataset size: every example equally likely."""
+
+    def weights(self, sizes, progress):
+        return {t: float(n) for t, n in sizes.items()}
+
+
+class Temperature(Drawn):
+    """p_t proportional to N_t^(1/T): T=1 is proportional, large T approaches uniform."""
+
+    def __init__(self, temperature: float = 2.0, steps: int | None = None,
+                 tasks: Sequence[str] | None = None):
+        super().__init__(steps, tasks)
+        if not temperature > 0:
+            raise ValueError(f"sampler.temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def weights(self, sizes, progress):
+        return {t: n ** (1 / self.temperature) for t, n in sizes.items()}
+
+
+class Annealed(Drawn):
+    """Stickland & Murray (2019): p_t proportional to N_t^alpha, alpha annealed from 1 to
+    `final_alpha` over training, always from the raw sizes."""
+
+    def __init__(self, final_alpha: float = 0.2, steps: int | None = None,
+                 tasks: Sequence[str] | None = None):
+        super().__init__(steps, tasks)
+        if not 0 <= final_alpha <= 1:
+            raise ValueError(f"sampler.final_alpha must lie in [0, 1], got {final_alpha}")
+        self.final_alpha = final_alpha
+
+    def weights(self, sizes, progress):
+        alpha = 1 - (1 - self.final_alpha) * progress
+        return {t: n ** alpha for t, n in sizes.items()}
+
+
+class Adaptive(Drawn):
+    """Jean et al. (2019): sample more from the tasks furthest below their target score.
+
+    p_t is proportional to (target_t / score_t)^power, the ratio clipped to
+    [1, `max_ratio`]; re-estimated at each evaluation, uniform before the first.
+    """
+
+    def __init__(self, targets: dict[str, float], power: float = 1.0, max_ratio: float = 10.0,
+                 steps: int | None = None, tasks: Sequence[str] | None = None):
+        super().__init__(steps, tasks)
+        bad = {t: v for t, v in targets.items() if not v > 0}
+        if bad:
+            raise ValueError(f"sampler.targets must be > 0, got {bad}")
+        self.targets, self.power, self.max_ratio = dict(targets), power, max_ratio
+        self.scores: dict[str, float | None] = {}
+
+    def observe(self, scores):
+        self.scores = dict(scores)
+
+    def weights(self, sizes, progress):
+        missing = sorted(set(sizes) - set(self.targets))
+        if missing:
+            raise ValueError(f"sampler.targets has no target for task(s) {missing}")
+        weights = {}
+        for t in sizes:
+            score = self.scores.get(t)
+            if score is None or math.isnan(score):
+                weights[t] = 1.0
+                continue
+            ratio = self.targets[t] / max(score, self.targets[t] / self.max_ratio)
+            weights[t] = max(ratio, 1.0) ** self.power
+        return weights
