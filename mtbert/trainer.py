@@ -151,6 +151,7 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
                       tcfg.bucket_batches, s.tokenizer.pad_token_id)
         for t in s.train_tasks
     }
+    draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
     sizes = {t: len(streams[t]) for t in s.train_tasks}
     steps_per_epoch = s.sampler.steps_per_epoch(sizes)
     total_steps = tcfg.epochs * steps_per_epoch
@@ -185,6 +186,7 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
         run.event("eval", step, epoch=epoch, dev=metrics, examples_seen=dict(seen),
                   eval_seconds=time.perf_counter() - t0)
         log.info("eval at step %d (epoch %d): %s", step, epoch, format_metrics(metrics))
+        s.sampler.observe({t: metrics[tasks[t].metric_key] for t in s.train_tasks})
         known = [v for k, v in metrics.items() if k not in ("mean", "overall") and v is not None]
         score = sum(known) / len(known) if known else -math.inf
         if score > best["score"]:
@@ -196,7 +198,7 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
     for epoch in range(1, tcfg.epochs + 1):
         for stream in streams.values():
             stream.restart()
-        for step_tasks in s.sampler.epoch(sizes):
+        for step_tasks in s.sampler.epoch(sizes, draws, step, total_steps):
             trains_encoder = s.schedule.trains_encoder(step, total_steps)
             if trains_encoder != encoder_on:
                 model.set_encoder_trainable(trains_encoder)
@@ -232,7 +234,8 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
                               for t in s.train_tasks if loss_counts[t]}
                 run.event("train", step, epoch=epoch, loss=train_loss,
                           lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                          examples_seen=dict(seen), sentences_per_s=rate)
+                          examples_seen=dict(seen), sentences_per_s=rate,
+                          step_seconds=(now - start) / step)
                 log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
                          epoch, tcfg.epochs, step, total_steps,
                          " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
