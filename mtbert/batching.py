@@ -174,6 +174,18 @@ class TaskStream:
         self._batches, self._position = batches, 0
         self.passes += 1
 
+    def state_dict(self) -> dict:
+        """The pass in progress and the generator: enough to continue exactly."""
+        return {"generator": self.generator.get_state(), "position": self._position,
+                "passes": self.passes,
+                "order": torch.cat(self._batches) if self._batches else torch.zeros(0, dtype=torch.long),
+                "sizes": torch.tensor([len(b) for b in self._batches], dtype=torch.long)}
+
+    def load_state_dict(self, state: dict):
+        self.generator.set_state(state["generator"])
+        self._position, self.passes = state["position"], state["passes"]
+        self._batches = list(state["order"].split(state["sizes"].tolist()))
+
     def next(self) -> Batch:
         if self._position >= len(self._batches):
             self.restart()

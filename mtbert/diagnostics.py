@@ -23,7 +23,8 @@ def plot_grad_conflict(run_dir: Path, name: str = "grad_conflict.png") -> Path |
     events = grad_events(Path(run_dir) / "metrics.jsonl")
     if not events:
         return None
-    projections = [(e["step"], e["projections"]) for e in events if e.get("projections") is not None]
+    projections = [(e["step"], e["projections"]) for e in events
+                   if e.get("projections") is not None]
     fig = Figure(figsize=(8, 8 if projections else 6), layout="constrained")
     axes = fig.subplots(3 if projections else 2, 1, sharex=True)
     for key, ax, label in (("cos", axes[0], "cosine of task gradients"),

@@ -93,6 +93,15 @@ class GradientMethod:
     def sums(self, losses: dict[str, Tensor]) -> bool:
         return False
 
+    def state_dict(self) -> dict:
+        """The RNG of methods that draw (PCGrad's task order), for exact resumes."""
+        generator = getattr(self, "generator", None)
+        return {"generator": generator.get_state()} if generator is not None else {}
+
+    def load_state_dict(self, state: dict):
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+
     def combine(self, grads: TaskGradients) -> tuple[Tensor, int | None]:
         """The shared parameters' gradient [P], and the number of projections (or None)."""
         raise NotImplementedError

@@ -4,31 +4,59 @@ interrupted), so a sweep never loses track of a job."""
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from mtbert.evaluate import format_table
 from mtbert.rundir import RunDir
-from mtbert.trainer import train
+from mtbert.trainer import Interrupted, train
 
 log = logging.getLogger(__name__)
 
 
+def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
+    """With `resume=RUN_DIR`, the run's own config and experiment name: a resumed run
+    continues exactly the run it was, so other overrides are refused."""
+    run_dir = Path(cfg.resume)
+    original = run_dir / ".hydra" / "config.yaml"
+    if not original.is_file():
+        raise FileNotFoundError(f"resume={run_dir}: {original} not found; give the directory "
+                                "of an mtbert run (it holds .hydra/ and checkpoints/)")
+    extra = [o for o in hydra.overrides.task if not o.startswith("resume=")]
+    if extra:
+        raise ValueError(f"resume continues {run_dir} with its own config ({original}); "
+                         f"drop the other overrides {extra}")
+    saved = OmegaConf.load(original)
+    saved.resume = cfg.resume
+    choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    return saved, choices.get("experiment")
+
+
 def main(cfg: DictConfig) -> dict:
     hydra = HydraConfig.get()
-    run = RunDir(hydra.runtime.output_dir)
-    results = {"status": "failed", "experiment": hydra.runtime.choices.get("experiment"),
+    experiment = hydra.runtime.choices.get("experiment")
+    if cfg.resume:
+        cfg, experiment = resumed_config(cfg, hydra)
+    logger = instantiate(cfg.logger)
+    run = RunDir(hydra.runtime.output_dir, sinks=[logger])
+    results = {"status": "failed", "experiment": experiment,
                "seed": cfg.seed, "dev": None, "best_epoch": None, "steps": 0,
                "examples_seen": {}, "train_seconds": 0.0, "error": None}
     start = time.perf_counter()
     try:
+        logger.start(cfg, run.path)
         results.update(train(cfg, run), status="completed")
+    except Interrupted as e:
+        results.update(status="interrupted", error=str(e))
+        sys.exit(f"interrupted: {e}")
     except KeyboardInterrupt:
-        results.update(status="interrupted", error="interrupted (SIGINT)")
+        results.update(status="interrupted", error="interrupted (SIGINT) without a checkpoint")
         raise
     except Exception as e:
         results["error"] = f"{type(e).__name__}: {e}"
@@ -39,6 +67,7 @@ def main(cfg: DictConfig) -> dict:
         if not results["train_seconds"]:
             results["train_seconds"] = time.perf_counter() - start
         run.write_results(results)
+        logger.finish(results)
         run.close()
     print(format_table(results["dev"]))
     print(f"run directory: {Path(run.path).resolve()}")

@@ -3,13 +3,18 @@ the end (also on failure), checkpoints/ loadable without running pickled code.""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 
 def _finite(value):
@@ -65,3 +70,56 @@ class RunDir:
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike):
     """Load a safetensors checkpoint into `model` (no pickle involved)."""
     model.load_state_dict(load_file(str(path)))
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def save_checkpoint(state: dict, path: Path):
+    """Write `state` atomically beside a SHA-256 of its bytes; the previous checkpoint is
+    kept as `<name>.prev.pt` so a damaged file always has a good one to fall back on."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if path.exists():
+        os.replace(path, _previous(path))
+        if _digest_file(path).exists():
+            os.replace(_digest_file(path), _digest_file(_previous(path)))
+    os.replace(tmp, path)
+    _digest_file(path).write_text(hashlib.sha256(data).hexdigest())
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load a checkpoint (tensors and plain data only: no pickled code runs), verifying its
+    digest; a missing, truncated or corrupt file falls back to the previous one."""
+    errors = []
+    for candidate in (path, _previous(path)):
+        try:
+            data = candidate.read_bytes()
+            digest = _digest_file(candidate)
+            if not digest.exists() or digest.read_text().strip() != hashlib.sha256(data).hexdigest():
+                raise CheckpointError("its SHA-256 does not match (truncated or corrupt)")
+            state = torch.load(io.BytesIO(data), weights_only=True)
+        except Exception as e:
+            errors.append(f"{candidate}: {e}")
+            continue
+        if errors:
+            log.error("checkpoint %s is unusable (%s); resuming from %s", path, errors[0], candidate)
+        return state
+    raise CheckpointError("no usable checkpoint: " + "; ".join(errors) +
+                          ". Delete the checkpoints/ folder to start the run afresh.")
+
+
+def _previous(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def _digest_file(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")

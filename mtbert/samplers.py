@@ -38,6 +38,13 @@ class TaskSampler:
     def observe(self, scores: dict[str, float | None]):
         """Dev scores per training task after each evaluation (for adaptive samplers)."""
 
+    def state_dict(self) -> dict:
+        """What the sampler learnt during training (for resuming)."""
+        return {}
+
+    def load_state_dict(self, state: dict):
+        pass
+
 
 class RandomSequential(TaskSampler):
     """Algorithm 1: every batch of the first task, then of the second, ... one per step."""
@@ -173,6 +180,12 @@ class Adaptive(Drawn):
 
     def observe(self, scores):
         self.scores = dict(scores)
+
+    def state_dict(self):
+        return {"scores": dict(self.scores)}
+
+    def load_state_dict(self, state):
+        self.scores = dict(state["scores"])
 
     def weights(self, sizes, progress):
         missing = sorted(set(sizes) - set(self.targets))

@@ -6,25 +6,28 @@ first step, so a bad choice fails in seconds, naming its key.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import math
+import signal
+import threading
 import time
 import zlib
-from collections import Counter
 from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtbert.batching import TaskStream, encode
+from mtbert.batching import Batch, TaskStream, encode
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.diagnostics import plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
-from mtbert.rundir import RunDir
+from mtbert.rundir import RunDir, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -140,129 +143,294 @@ class Setup:
         return train, dev
 
 
-def train(cfg: DictConfig, run: RunDir) -> dict:
-    """Train one run; returns the results.json fields it owns."""
-    s = Setup(cfg, run)
-    tcfg = cfg.trainer
-    model, optimizer, tasks = s.model, s.optimizer, s.tasks
-    streams = {
-        t: TaskStream(s.train[t], cfg.data.batch_size,
-                      torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(t.encode())),
-                      tcfg.bucket_batches, s.tokenizer.pad_token_id)
-        for t in s.train_tasks
-    }
-    draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
-    sizes = {t: len(streams[t]) for t in s.train_tasks}
-    steps_per_epoch = s.sampler.steps_per_epoch(sizes)
-    total_steps = tcfg.epochs * steps_per_epoch
-    if tcfg.max_steps is not None:
-        total_steps = min(total_steps, tcfg.max_steps)
-    if total_steps < 1:
-        raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
-    eval_every = max(1, math.ceil(steps_per_epoch / tcfg.evals_per_epoch))
-    scheduler = s.schedule.lr_scheduler(optimizer, total_steps)
-    shared = list(model.encoder.parameters()) + list(model.shared.parameters())
-    grad_every = cfg.diagnostics.grad_every  # log the task gradients' conflict every that many steps
-    log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s",
-             "+".join(s.train_tasks), s.device, s.precision, total_steps, steps_per_epoch, sizes)
+class Interrupted(Exception):
+    """Training stopped by a signal after saving `checkpoints/last.pt`."""
 
-    seen = Counter({t: 0 for t in s.train_tasks})
-    best = {"score": -math.inf, "metrics": None, "epoch": None, "step": None}
-    loss_sums = {t: torch.zeros((), device=s.device) for t in s.train_tasks}
-    loss_counts = Counter()
-    sentences = 0
-    step, start = 0, time.perf_counter()
-    last_log = start
-    model.train()
 
-    last_eval = None
+class NonFiniteLoss(FloatingPointError):
+    pass
 
-    def run_eval(epoch: int):
-        nonlocal best, last_eval
-        last_eval = step
+
+class Trainer:
+    """The loop of one run and all of its state; `state_dict()` is what resuming needs.
+
+    Steps are planned per epoch by the sampler; every stream is reshuffled at each epoch
+    start. A resumed run restores the streams, the epoch's draw generator (replaying the
+    plan up to the step it stopped at) and every RNG, so it continues exactly.
+    """
+
+    def __init__(self, cfg: DictConfig, run: RunDir):
+        self.cfg, self.run, self.tcfg = cfg, run, cfg.trainer
+        s = self.setup = Setup(cfg, run)
+        self.streams = {
+            t: TaskStream(s.train[t], cfg.data.batch_size,
+                          torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(t.encode())),
+                          self.tcfg.bucket_batches, s.tokenizer.pad_token_id)
+            for t in s.train_tasks
+        }
+        self.draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
+        self.sizes = {t: len(self.streams[t]) for t in s.train_tasks}
+        self.steps_per_epoch = s.sampler.steps_per_epoch(self.sizes)
+        self.total_steps = self.tcfg.epochs * self.steps_per_epoch
+        if self.tcfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, self.tcfg.max_steps)
+        if self.total_steps < 1:
+            raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
+        if self.tcfg.on_nonfinite not in ("error", "skip"):
+            raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {self.tcfg.on_nonfinite!r}")
+        self.eval_every = max(1, math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch))
+        self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
+        self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
+        self.grad_every = cfg.diagnostics.grad_every  # log task-gradient conflict every N steps
+        # the loop's state
+        self.step, self.epoch, self.epoch_start = 0, 1, 0
+        self.epoch_draws = self.draws.get_state()
+        self.seen = {t: 0 for t in s.train_tasks}
+        self.skipped = 0  # batches skipped for a non-finite loss
+        self.sentences = 0
+        self.best = {"score": -math.inf, "metrics": None, "epoch": None, "step": None}
+        self.last_eval = None
+        self.elapsed = 0.0  # training seconds before this process (resumed runs)
+        self.signal = None
+
+    # -- one step ---------------------------------------------------------------------
+    def next_batches(self, step_tasks) -> dict[str, Batch]:
+        return {t: self.streams[t].next().to(self.setup.device, non_blocking=True) for t in step_tasks}
+
+    def training_step(self, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
+        """Forward each task's batch, combine the losses with the gradient method, step.
+
+        Returns the detached weighted losses. A non-finite loss stops the run naming the
+        task, or with `trainer.on_nonfinite=skip` the step is skipped and counted.
+        """
+        s = self.setup
+        losses = {}
+        for t, batch in batches.items():
+            with autocast(s.device, s.precision):
+                output = s.model(t, batch)
+            losses[t] = s.weights[t] * s.objectives[t].loss(output, batch.labels, s.tasks[t])
+        finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite()
+        if not bool(finite.all()):
+            bad = [t for t, ok in zip(losses, finite.tolist()) if not ok]
+            if self.tcfg.on_nonfinite == "error":
+                raise NonFiniteLoss(f"non-finite loss for task(s) {bad} at step {self.step}; "
+                                    "lower the learning rates, or set trainer.on_nonfinite=skip")
+            log.warning("step %d: non-finite loss for %s, batch skipped", self.step, bad)
+            self.skipped += 1
+            return {}
+        diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
+        diagnostics = s.gradient.backward(losses, [p for p in self.shared if p.requires_grad],
+                                          diagnose=diagnose)
+        if diagnostics:
+            self.run.event("grad", self.step, **diagnostics)
+        s.optimizer.step()
+        self.scheduler.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        return {t: loss.detach() for t, loss in losses.items()}
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self) -> dict:
+        s, tcfg = self.setup, self.tcfg
+        log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s",
+                 "+".join(s.train_tasks), s.device, s.precision, self.total_steps,
+                 self.steps_per_epoch, self.sizes)
+        loss_sums = {t: torch.zeros((), device=s.device) for t in s.train_tasks}
+        loss_counts = {t: 0 for t in s.train_tasks}
+        start, first_step = time.perf_counter(), self.step
+        last_log = last_save = start
+        encoder_on = None
+        s.model.train()
+        with stop_signals(self):
+            while self.step < self.total_steps:
+                if self.step == self.epoch_start:  # a fresh epoch
+                    for stream in self.streams.values():
+                        stream.restart()
+                    self.epoch_draws = self.draws.get_state()
+                else:  # resumed mid-epoch: replay the epoch's plan up to this step
+                    self.draws.set_state(self.epoch_draws)
+                plan = s.sampler.epoch(self.sizes, self.draws, self.epoch_start, self.total_steps)
+                for step_tasks in itertools.islice(plan, self.step - self.epoch_start, None):
+                    trains_encoder = s.schedule.trains_encoder(self.step, self.total_steps)
+                    if trains_encoder != encoder_on:
+                        s.model.set_encoder_trainable(trains_encoder)
+                        encoder_on = trains_encoder
+                        log.info("step %d: %s", self.step, "training encoder and heads"
+                                 if trains_encoder else "encoder frozen, training heads")
+                    batches = self.next_batches(step_tasks)
+                    losses = self.training_step(batches)
+                    self.step += 1
+                    for t, batch in batches.items():
+                        self.seen[t] += len(batch.index)
+                        self.sentences += batch.num_sequences
+                    for t, loss in losses.items():
+                        loss_sums[t] += loss
+                        loss_counts[t] += 1
+
+                    now = time.perf_counter()
+                    elapsed = self.elapsed + now - start
+                    timed_out = tcfg.max_seconds is not None and elapsed >= tcfg.max_seconds
+                    done = self.step == self.total_steps or timed_out
+                    if now - last_log >= tcfg.log_every_seconds or done:
+                        self.log_progress(loss_sums, loss_counts, (now - start) / (self.step - first_step), elapsed)
+                        last_log = now
+                    if self.step % self.eval_every == 0 or done:
+                        self.evaluate()
+                    if self.signal or (now - last_save >= tcfg.checkpoint_every_seconds):
+                        self.elapsed, start, first_step = elapsed, now, self.step
+                        self.save_last()
+                        last_save = time.perf_counter()
+                    if self.signal:
+                        raise Interrupted(f"stopped by {self.signal} at step {self.step}; "
+                                          f"resume with: python train.py resume={self.run.path}")
+                    if timed_out and not done:
+                        log.info("trainer.max_seconds=%s reached at step %d", tcfg.max_seconds, self.step)
+                    if done:
+                        break
+                else:
+                    self.epoch += 1
+                    self.epoch_start = self.step
+                    continue
+                break
+        if self.last_eval != self.step:
+            self.evaluate()
+        self.elapsed += time.perf_counter() - start
+        self.save_last()
+        if self.grad_every:
+            plot_grad_conflict(self.run.path)
+        return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
+                "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
+                "skipped_steps": self.skipped, "train_seconds": self.elapsed}
+
+    def log_progress(self, loss_sums, loss_counts, step_seconds: float, elapsed: float):
+        """One progress line and one `train` event; the only host sync of the loop."""
+        train_loss = {t: (loss_sums[t] / loss_counts[t]).item()
+                      for t in loss_sums if loss_counts[t]}
+        lr = {g["name"]: g["lr"] for g in self.setup.optimizer.param_groups}
+        rate = self.sentences / max(elapsed, 1e-9)
+        self.run.event("train", self.step, epoch=self.epoch, loss=train_loss, lr=lr,
+                       examples_seen=dict(self.seen), sentences_per_s=rate,
+                       step_seconds=step_seconds)
+        eta = step_seconds * (self.total_steps - self.step)
+        log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
+                 self.epoch, self.tcfg.epochs, self.step, self.total_steps,
+                 " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
+                 duration(elapsed), duration(eta))
+        for t in loss_sums:
+            loss_sums[t].zero_()
+            loss_counts[t] = 0
+
+    def evaluate(self):
+        s = self.setup
+        self.last_eval = self.step
         t0 = time.perf_counter()
-        metrics = evaluate(model, {n: (tasks[n], s.dev[n]) for n in tasks}, s.objectives,
+        metrics = evaluate(s.model, {n: (s.tasks[n], s.dev[n]) for n in s.tasks}, s.objectives,
                            s.device, s.precision)
-        run.event("eval", step, epoch=epoch, dev=metrics, examples_seen=dict(seen),
-                  eval_seconds=time.perf_counter() - t0)
-        log.info("eval at step %d (epoch %d): %s", step, epoch, format_metrics(metrics))
-        s.sampler.observe({t: metrics[tasks[t].metric_key] for t in s.train_tasks})
+        self.run.event("eval", self.step, epoch=self.epoch, dev=metrics, examples_seen=dict(self.seen),
+                       eval_seconds=time.perf_counter() - t0)
+        log.info("eval at step %d (epoch %d): %s", self.step, self.epoch, format_metrics(metrics))
+        s.sampler.observe({t: metrics[s.tasks[t].metric_key] for t in s.train_tasks})
         known = [v for k, v in metrics.items() if k not in ("mean", "overall") and v is not None]
         score = sum(known) / len(known) if known else -math.inf
-        if score > best["score"]:
-            best = {"score": score, "metrics": metrics, "epoch": epoch, "step": step}
-            run.save_model(model, "best", {"epoch": epoch, "step": step, "dev": metrics})
+        if score > self.best["score"]:
+            self.best = {"score": score, "metrics": metrics, "epoch": self.epoch, "step": self.step}
+            self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, "dev": metrics})
 
-    encoder_on = None
-    stop = False
-    for epoch in range(1, tcfg.epochs + 1):
-        for stream in streams.values():
-            stream.restart()
-        for step_tasks in s.sampler.epoch(sizes, draws, step, total_steps):
-            trains_encoder = s.schedule.trains_encoder(step, total_steps)
-            if trains_encoder != encoder_on:
-                model.set_encoder_trainable(trains_encoder)
-                encoder_on = trains_encoder
-                log.info("step %d: %s", step, "training encoder and heads" if trains_encoder
-                         else "encoder frozen, training heads")
-            losses = {}
-            for t in step_tasks:
-                batch = streams[t].next().to(s.device, non_blocking=True)
-                with autocast(s.device, s.precision):
-                    output = model(t, batch)
-                losses[t] = s.weights[t] * s.objectives[t].loss(output, batch.labels, tasks[t])
-                seen[t] += len(batch.index)
-                sentences += batch.num_sequences
-            diagnostics = s.gradient.backward(losses, [p for p in shared if p.requires_grad],
-                                              diagnose=bool(grad_every) and step % grad_every == 0)
-            if diagnostics:
-                run.event("grad", step, **diagnostics)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            for t, loss in losses.items():
-                loss_sums[t] += loss.detach()
-                loss_counts[t] += 1
+    # -- resuming -------------------------------------------------------------------------
+    LOOP_STATE = ("step", "epoch", "epoch_start", "seen", "skipped", "sentences", "best",
+                  "last_eval", "elapsed")
 
-            now = time.perf_counter()
-            timed_out = tcfg.max_seconds is not None and now - start >= tcfg.max_seconds
-            if now - last_log >= tcfg.log_every_seconds or step == total_steps or timed_out:
-                rate = sentences / (now - start)
-                eta = (now - start) / step * (total_steps - step)
-                train_loss = {t: (loss_sums[t] / loss_counts[t]).item()
-                              for t in s.train_tasks if loss_counts[t]}
-                run.event("train", step, epoch=epoch, loss=train_loss,
-                          lr={g["name"]: g["lr"] for g in optimizer.param_groups},
-                          examples_seen=dict(seen), sentences_per_s=rate,
-                          step_seconds=(now - start) / step)
-                log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
-                         epoch, tcfg.epochs, step, total_steps,
-                         " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
-                         duration(now - start), duration(eta))
-                for t in loss_sums:
-                    loss_sums[t].zero_()
-                loss_counts.clear()
-                last_log = now
-            if step % eval_every == 0 or step == total_steps:
-                run_eval(epoch)
-            if timed_out and step < total_steps:
-                log.info("trainer.max_seconds=%s reached at step %d", tcfg.max_seconds, step)
-                stop = True
-            if step >= total_steps or stop:
-                break
-        if step >= total_steps or stop:
-            break
-    if last_eval != step:
-        run_eval(epoch)
-    if grad_every:
-        plot_grad_conflict(run.path)
+    def state_dict(self) -> dict:
+        s = self.setup
+        return {
+            "config": OmegaConf.to_yaml(self.cfg),
+            "loop": {k: getattr(self, k) for k in self.LOOP_STATE},
+            "model": s.model.state_dict(),
+            "optimizer": s.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "streams": {t: stream.state_dict() for t, stream in self.streams.items()},
+            "sampler": s.sampler.state_dict(),
+            "gradient": s.gradient.state_dict(),
+            "rng": {"draws": self.draws.get_state(), "epoch_draws": self.epoch_draws,
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        }
 
-    return {"dev": best["metrics"], "best_epoch": best["epoch"], "best_step": best["step"],
-            "steps": step, "examples_seen": dict(seen),
-            "train_seconds": time.perf_counter() - start}
+    def load_state_dict(self, state: dict):
+        s = self.setup
+        for k, v in state["loop"].items():
+            setattr(self, k, v)
+        if self.best["score"] is None:  # -inf was stored as null
+            self.best["score"] = -math.inf
+        s.model.load_state_dict(state["model"])
+        s.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for t, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][t])
+        s.sampler.load_state_dict(state["sampler"])
+        s.gradient.load_state_dict(state["gradient"])
+        self.draws.set_state(state["rng"]["draws"])
+        self.epoch_draws = state["rng"]["epoch_draws"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_last(self):
+        save_checkpoint(self.state_dict(), self.run.checkpoints / "last.pt")
+
+    def resume(self, path: Path):
+        state = load_checkpoint(path)
+        saved = OmegaConf.create(state["config"])
+        changed = sorted(k for k in config_diff(saved, self.cfg) if k != "resume")
+        if changed:
+            raise ConfigError(f"{path} was written with another config (differs at {changed}); "
+                              "resume with the original run's overrides")
+        self.load_state_dict(state)
+        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+
+
+@contextlib.contextmanager
+def stop_signals(trainer: Trainer):
+    """SIGTERM (SLURM pre-emption) and SIGINT (Ctrl-C) stop the loop after the current
+    step, which then saves `last.pt`; a second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        if trainer.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        trainer.signal = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step and saving checkpoints/last.pt",
+                    trainer.signal)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def config_diff(a: DictConfig, b: DictConfig, prefix: str = "") -> list[str]:
+    """Dotted keys whose (unresolved) values differ between two configs."""
+    a = OmegaConf.to_container(a) if isinstance(a, DictConfig) else a
+    b = OmegaConf.to_container(b) if isinstance(b, DictConfig) else b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [k for key in sorted(set(a) | set(b))
+                for k in config_diff(a.get(key), b.get(key), f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if a != b else []
 
 
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train(cfg: DictConfig, run: RunDir) -> dict:
+    """Train one run, continuing from `checkpoints/last.pt` when the run directory has one
+    (a resumed or requeued run); returns the results.json fields it owns."""
+    trainer = Trainer(cfg, run)
+    last = run.checkpoints / "last.pt"
+    if last.exists() or last.with_name("last.prev.pt").exists():
+        trainer.resume(last)
+    return trainer.fit()

@@ -1,0 +1,10 @@
+"""mtbert: multitask fine-tuning of BERT, one config choice per idea of the study."""
+
+from omegaconf import OmegaConf
+
+# `resume=RUN_DIR` continues a run in its own directory; Hydra writes that job's record
+# to `.hydra-resume/` so the original `.hydra/` (the run's config) stays as it was.
+OmegaConf.register_new_resolver(
+    "mtbert.run_dir", lambda resume, default: resume or default, replace=True)
+OmegaConf.register_new_resolver(
+    "mtbert.hydra_subdir", lambda resume: ".hydra-resume" if resume else ".hydra", replace=True)

@@ -1,0 +1,121 @@
+"""Runs stopped by a signal and resumed end exactly where an uninterrupted run ends;
+damaged checkpoints are detected; non-finite losses stop or are skipped."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, read_results, run_train
+from mtbert.rundir import CheckpointError, RunDir, load_checkpoint, save_checkpoint
+from mtbert.trainer import NonFiniteLoss, Trainer
+
+RUN = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
+       "data.batch_size=4", "trainer.epochs=3", "trainer.log_every_seconds=0")
+
+
+def final_model(run_dir: Path) -> dict:
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("extra", [("sampler=rr_over", "optim=pcgrad", "schedule=paper"),
+                                   ("sampler=annealed", "trainer.evals_per_epoch=2")])
+def test_sigterm_then_resume_matches_uninterrupted_run(extra, tmp_path, data_dir):
+    whole = tmp_path / "whole"
+    run_train(*RUN, *extra, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)
+
+    stopped = tmp_path / "stopped"
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, *extra,
+                             f"hydra.run.dir={stopped}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # stop it once it is under way
+        metrics = stopped / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 7
+                                    for line in metrics.read_text().splitlines()):
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, "the run should have been stopped mid-way"
+    results = read_results(stopped)
+    assert results["status"] == "interrupted" and "SIGTERM" in results["error"]
+    assert "resume with: python train.py resume=" in stderr
+    stopped_at = load_checkpoint(stopped / "checkpoints" / "last.pt")["loop"]["step"]
+
+    run_train(f"resume={stopped}", cwd=tmp_path, data=data_dir)
+    resumed, uninterrupted = read_results(stopped), read_results(whole)
+    assert resumed["status"] == "completed" and 7 <= stopped_at < resumed["steps"]
+    assert (stopped / ".hydra-resume").is_dir() and "experiment" in (stopped / ".hydra" / "hydra.yaml").read_text()
+    for key in ("dev", "steps", "examples_seen", "best_step"):
+        assert resumed[key] == uninterrupted[key], key
+    a, b = final_model(stopped), final_model(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "bit-identical"
+
+
+def test_resume_refuses_other_overrides(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    run_train(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, data=data_dir)
+    proc = run_train(f"resume={run_dir}", "seed=3", cwd=tmp_path, data=data_dir, check=False)
+    assert proc.returncode != 0 and "drop the other overrides ['seed=3']" in proc.stderr
+
+
+def test_damaged_checkpoints_fall_back_then_fail_clearly(tmp_path, caplog):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert load_checkpoint(path)["step"] == 2
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    assert load_checkpoint(path)["step"] == 1 and "unusable" in caplog.text
+    prev = tmp_path / "last.prev.pt"
+    raw = bytearray(prev.read_bytes())
+    raw[-40] ^= 0xFF  # one flipped byte
+    prev.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*SHA-256"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_hold_no_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+    save_checkpoint({"x": Evil()}, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "last.pt")
+
+
+def trainer(tmp_path, data_dir, *overrides) -> Trainer:
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", "budget=smoke", "logger=none",
+                                          f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c",
+                                          *overrides])
+    return Trainer(cfg, RunDir(tmp_path / "run"))
+
+
+def test_non_finite_loss_names_task_and_step(tmp_path, data_dir):
+    t = trainer(tmp_path, data_dir)
+    with torch.no_grad():
+        t.setup.model.heads["para"].linear.weight.fill_(math.nan)
+    with pytest.raises(NonFiniteLoss, match=r"task\(s\) \['para'\] at step 0.*on_nonfinite=skip"):
+        t.fit()
+
+
+def test_non_finite_loss_skip_leaves_parameters_alone(tmp_path, data_dir):
+    t = trainer(tmp_path, data_dir, "trainer.on_nonfinite=skip", "trainer.epochs=1")
+    with torch.no_grad():
+        t.setup.model.heads["sts"].projection.weight[0, 0] = math.inf
+    before = {k: v.clone() for k, v in t.setup.model.encoder.state_dict().items()}
+    results = t.fit()
+    assert results["skipped_steps"] == results["steps"] == 5
+    after = t.setup.model.encoder.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
