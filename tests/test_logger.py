@@ -114,8 +114,9 @@ def test_offline_run_has_config_history_summary_and_files(wandb_env, data_dir, m
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(wandb_env / "wandb-dir"))
     (wandb_env / "wandb-dir").mkdir()
-    train("hydra.run.dir=run", "trainer.epochs=1", "trainer.evals_per_epoch=2", "diagnostics.grad_every=2",
-          "logger.log_checkpoints=true", "logger.tags=[smoke,test]", cwd=wandb_env, data=data_dir)
+    train("hydra.run.dir=run", "trainer.epochs=1", "trainer.evals_per_epoch=2",
+          "diagnostics.grad_every=2", "logger.log_checkpoints=true", "logger.tags=[smoke,test]",
+          cwd=wandb_env, data=data_dir)
     results = read_results(wandb_env / "run")
     [run] = offline_runs(wandb_env / "wandb-dir")
 
