@@ -110,10 +110,17 @@ class Batch:
     token_type_ids: Tensor | None
     labels: Tensor | None
     index: Tensor  # positions of the examples in their split
+    global_size: int = 0  # examples in the whole batch, over all ranks (0: this batch's own)
+
+    def __post_init__(self):
+        self.global_size = self.global_size or len(self.index)
 
     def to(self, device, non_blocking: bool = False) -> Batch:
-        return Batch(**{f.name: (v.to(device, non_blocking=non_blocking) if v is not None else None)
-                        for f in fields(self) for v in [getattr(self, f.name)]})
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device, non_blocking=non_blocking)
+        return Batch(**moved)
 
     @property
     def num_sequences(self) -> int:
@@ -148,11 +155,13 @@ class TaskStream:
     """
 
     def __init__(self, enc: Encoded, batch_size: int, generator: torch.Generator,
-                 bucket_batches: int = 1, pad_id: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch size must be >= 1, got {batch_size}")
+                 bucket_batches: int = 1, pad_id: int = 0, rank: int = 0, world: int = 1):
+        if batch_size < world:
+            raise ValueError(f"the global batch ({batch_size}) must hold at least one example "
+                             f"per rank ({world} ranks)")
         self.enc, self.batch_size, self.generator = enc, batch_size, generator
         self.bucket_batches, self.pad_id = bucket_batches, pad_id
+        self.rank, self.world = rank, world
         self._batches: list[Tensor] = []
         self._position = 0
         self.passes = 0
@@ -191,7 +200,12 @@ class TaskStream:
             self.restart()
         index = self._batches[self._position]
         self._position += 1
-        return collate(self.enc, index, self.pad_id)
+        if self.world == 1:
+            return collate(self.enc, index, self.pad_id)
+        local = index.tensor_split(self.world)[self.rank]  # this rank's part
+        batch = collate(self.enc, local, self.pad_id)
+        batch.global_size = len(index)
+        return batch
 
 
 def eval_batches(enc: Encoded, max_tokens: int = 16384, pad_id: int = 0):

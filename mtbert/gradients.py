@@ -19,6 +19,8 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
+from mtbert import distributed
+
 
 class TaskGradients:
     """The step's task gradients on the shared parameters: row i of `matrix` [T, P] is
@@ -43,6 +45,7 @@ class TaskGradients:
                     row.view_as(p).copy_(p.grad)
                     self.reached[k] = True
                     p.grad = None
+        distributed.average_([self.matrix])  # each task's gradient over the ranks
 
     @cached_property
     def gram(self) -> Tensor:
@@ -84,6 +87,7 @@ class GradientMethod:
         diagnostics (a `grad` event's fields)."""
         if not diagnose and self.sums(losses):
             sum(losses.values()).backward()
+            distributed.average_([p.grad for p in shared if p.grad is not None])
             return None
         grads = TaskGradients(losses, shared)
         combined, projections = self.combine(grads)

@@ -14,7 +14,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert.evaluate import format_table
-from mtbert.rundir import RunDir
+from mtbert import distributed
+from mtbert.device import resolve_device
+from mtbert.logger import NoLogger
+from mtbert.rundir import ReadOnlyRunDir, RunDir
 from mtbert.trainer import Interrupted, train
 
 log = logging.getLogger(__name__)
@@ -43,8 +46,16 @@ def main(cfg: DictConfig) -> dict:
     experiment = hydra.runtime.choices.get("experiment")
     if cfg.resume:
         cfg, experiment = resumed_config(cfg, hydra)
-    logger = instantiate(cfg.logger)
-    run = RunDir(hydra.runtime.output_dir, sinks=[logger])
+    rank, _ = distributed.setup(resolve_device(cfg.trainer.device))
+    output_dir = hydra.runtime.output_dir
+    if distributed.broadcast_object(output_dir) != output_dir:
+        raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
+                         "with torchrun pass hydra.run.dir=... so that all ranks share one")
+    if rank == 0:
+        logger = instantiate(cfg.logger)
+        run = RunDir(output_dir, sinks=[logger])
+    else:
+        logger, run = NoLogger(), ReadOnlyRunDir(output_dir)
     results = {"status": "failed", "experiment": experiment,
                "seed": cfg.seed, "dev": None, "best_epoch": None, "steps": 0,
                "examples_seen": {}, "train_seconds": 0.0, "error": None}
@@ -69,6 +80,7 @@ def main(cfg: DictConfig) -> dict:
         run.write_results(results)
         logger.finish(results)
         run.close()
-    print(format_table(results["dev"]))
-    print(f"run directory: {Path(run.path).resolve()}")
+    if rank == 0:
+        print(format_table(results["dev"]))
+        print(f"run directory: {Path(run.path).resolve()}")
     return results

@@ -63,8 +63,34 @@ class RunDir:
         save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
         os.replace(tmp, self.checkpoints / f"{name}.safetensors")
 
+    def save_checkpoint(self, state: dict, name: str = "last"):
+        save_checkpoint(state, self.checkpoints / f"{name}.pt")
+
     def close(self):
         self._metrics.close()
+
+
+class ReadOnlyRunDir(RunDir):
+    """The run directory as ranks other than 0 see it: they read it, only rank 0 writes."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+
+    def event(self, event: str, step: int, **fields):
+        pass
+
+    def write_results(self, results: dict):
+        pass
+
+    def save_model(self, model, name="best", meta=None):
+        pass
+
+    def save_checkpoint(self, state, name="last"):
+        pass
+
+    def close(self):
+        pass
 
 
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike):

@@ -27,7 +27,8 @@ from mtbert.diagnostics import plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
-from mtbert.rundir import RunDir, load_checkpoint, save_checkpoint
+from mtbert import distributed
+from mtbert.rundir import RunDir, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class Trainer:
         self.streams = {
             t: TaskStream(s.train[t], cfg.data.batch_size,
                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(t.encode())),
-                          self.tcfg.bucket_batches, s.tokenizer.pad_token_id)
+                          self.tcfg.bucket_batches, s.tokenizer.pad_token_id,
+                          distributed.rank(), distributed.world_size())
             for t in s.train_tasks
         }
         self.draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
@@ -181,6 +183,7 @@ class Trainer:
         self.eval_every = max(1, math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch))
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
         self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
+        self.heads = list(s.model.heads.parameters())
         self.grad_every = cfg.diagnostics.grad_every  # log task-gradient conflict every N steps
         # the loop's state
         self.step, self.epoch, self.epoch_start = 0, 1, 0
@@ -208,7 +211,9 @@ class Trainer:
         for t, batch in batches.items():
             with autocast(s.device, s.precision):
                 output = s.model(t, batch)
-            losses[t] = s.weights[t] * s.objectives[t].loss(output, batch.labels, s.tasks[t])
+            loss = s.objectives[t].loss(output, batch.labels, s.tasks[t])
+            share = len(batch.index) * distributed.world_size() / batch.global_size  # 1 alone
+            losses[t] = s.weights[t] * share * loss
         finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite()
         if not bool(finite.all()):
             bad = [t for t, ok in zip(losses, finite.tolist()) if not ok]
@@ -221,6 +226,7 @@ class Trainer:
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
         diagnostics = s.gradient.backward(losses, [p for p in self.shared if p.requires_grad],
                                           diagnose=diagnose)
+        distributed.average_([p.grad for p in self.heads if p.grad is not None])
         if diagnostics:
             self.run.event("grad", self.step, **diagnostics)
         s.optimizer.step()
@@ -260,8 +266,8 @@ class Trainer:
                     losses = self.training_step(batches)
                     self.step += 1
                     for t, batch in batches.items():
-                        self.seen[t] += len(batch.index)
-                        self.sentences += batch.num_sequences
+                        self.seen[t] += batch.global_size
+                        self.sentences += batch.num_sequences * distributed.world_size()
                     for t, loss in losses.items():
                         loss_sums[t] += loss
                         loss_counts[t] += 1
@@ -275,12 +281,13 @@ class Trainer:
                         last_log = now
                     if self.step % self.eval_every == 0 or done:
                         self.evaluate()
-                    if self.signal or (now - last_save >= tcfg.checkpoint_every_seconds):
+                    stopping = distributed.any_(self.signal is not None)
+                    if stopping or now - last_save >= tcfg.checkpoint_every_seconds:
                         self.elapsed, start, first_step = elapsed, now, self.step
                         self.save_last()
                         last_save = time.perf_counter()
-                    if self.signal:
-                        raise Interrupted(f"stopped by {self.signal} at step {self.step}; "
+                    if stopping:
+                        raise Interrupted(f"stopped by {self.signal or 'another rank'} at step {self.step}; "
                                           f"resume with: python train.py resume={self.run.path}")
                     if timed_out and not done:
                         log.info("trainer.max_seconds=%s reached at step %d", tcfg.max_seconds, self.step)
@@ -375,7 +382,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_last(self):
-        save_checkpoint(self.state_dict(), self.run.checkpoints / "last.pt")
+        self.run.save_checkpoint(self.state_dict(), "last")
 
     def resume(self, path: Path):
         state = load_checkpoint(path)

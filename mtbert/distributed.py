@@ -1,0 +1,66 @@
+"""Several processes, one run (`torchrun --nproc_per_node=N train.py ...`).
+
+Every rank builds the same global batch of each task (same seeds) and trains on its own
+contiguous part of it; gradients are averaged across ranks before the optimizer step, so
+N ranks with batch B make the update of one process with batch N*B. Gradient methods
+that combine per-task gradients (PCGrad) average each task's gradient first and then
+project identically on every rank, since averaging projected gradients would be another
+algorithm. torch's DistributedDataParallel cannot serve here: its reducer averages the
+summed gradient of one forward, and a step here is several task forwards whose per-task
+gradients PCGrad needs, so the averaging is this module's explicit all-reduce.
+Only rank 0 writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def setup(device: torch.device) -> tuple[int, int]:
+    """Join the process group torchrun describes; (rank, world size), (0, 1) alone."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def average_(tensors: list[torch.Tensor]):
+    """Replace each tensor by its mean over the ranks, in one all-reduce."""
+    if world_size() == 1 or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
+
+
+def any_(flag: bool) -> bool:
+    """True on every rank if it is true on any: ranks must stop at the same step."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t)
+    return bool(t.item())
+
+
+def broadcast_object(value):
+    """Rank 0's value on every rank (the run directory, for example)."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,64 @@
+"""torchrun with 2 CPU processes (gloo) makes the same updates as one process."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, read_results, run_train
+from mtbert.rundir import load_checkpoint
+
+EXACT = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
+         "trainer.precision=fp32", "data.batch_size=8", "trainer.max_steps=4",
+         "model.dropout=0", "+model.random_init.hidden_dropout_prob=0",
+         "+model.random_init.attention_probs_dropout_prob=0")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*overrides, cwd, data):
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data), "MTBERT_CACHE_DIR": str(cwd / "cache"),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           f"--master_port={free_port()}", str(ROOT / "train.py"), *overrides],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("optim", ["adam", "pcgrad"])
+def test_two_ranks_equal_one_process(optim, tmp_path, data_dir):
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_train(*EXACT, f"optim={optim}", f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
+    proc = torchrun(*EXACT, f"optim={optim}", f"hydra.run.dir={two}", cwd=tmp_path, data=data_dir)
+    assert proc.stdout.count("run directory:") == 1, "only rank 0 reports"
+    a = load_checkpoint(one / "checkpoints" / "last.pt")
+    b = load_checkpoint(two / "checkpoints" / "last.pt")
+    assert a["loop"]["step"] == b["loop"]["step"] == 4
+    assert a["loop"]["seen"] == b["loop"]["seen"], "examples counted once per global batch"
+    start = run_train_initial(tmp_path, data_dir)
+    moved = 0
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+        moved += not torch.equal(value, start[key])
+    assert moved > 10, "the comparison is between trained parameters"
+    assert read_results(two)["status"] == "completed"
+    assert not any(p.name.startswith("rank") for p in two.iterdir())
+
+
+def run_train_initial(tmp_path, data_dir):
+    """The parameters before any step: same seed, zero steps of training."""
+    from hydra import compose, initialize_config_dir
+
+    from mtbert.trainer import build_network
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=list(EXACT))
+    torch.manual_seed(cfg.seed)
+    return build_network(cfg)[2].state_dict()
