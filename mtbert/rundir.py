@@ -56,6 +56,11 @@ class RunDir:
     def write_results(self, results: dict):
         write_json(self.path / "results.json", results)
 
+    def write_rejected(self, rejected):
+        """`rejected_rows.tsv`, when any data row was skipped."""
+        if rejected.rows:
+            rejected.write(self.path / "rejected_rows.tsv")
+
     def save_model(self, model: torch.nn.Module, name: str = "best", meta: dict | None = None):
         self.checkpoints.mkdir(exist_ok=True)
         tmp = self.checkpoints / f"{name}.safetensors.tmp"
@@ -81,6 +86,9 @@ class ReadOnlyRunDir(RunDir):
         pass
 
     def write_results(self, results: dict):
+        pass
+
+    def write_rejected(self, rejected):
         pass
 
     def save_model(self, model, name="best", meta=None):

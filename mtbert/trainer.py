@@ -139,8 +139,7 @@ class Setup:
                     labelled_splits[name] = encode(rows, self.tokenizer, cfg.max_length,
                                                    self.model.encodings[name] == "siamese", cfg.cache_dir)
         finally:
-            if rejected.rows:
-                rejected.write(self.run.path / "rejected_rows.tsv")
+            self.run.write_rejected(rejected)
         return train, dev
 
 
