@@ -24,24 +24,25 @@ from mtbert import distributed
 
 class TaskGradients:
     """The step's task gradients on the shared parameters: row i of `matrix` [T, P] is
-    task i's gradient, flattened. The only extra memory is this one vector per task.
+    task i's gradient, flattened, held in `storage` (at least T x P elements). The only
+    extra memory is this one vector per task.
 
     Each task's loss is backpropagated alone; the gradients it leaves on the shared
     parameters move into its row, while those on its head stay. Expects the shared
     parameters' gradients cleared (`zero_grad(set_to_none=True)`).
     """
 
-    def __init__(self, losses: dict[str, Tensor], shared: list[nn.Parameter]):
+    def __init__(self, losses: dict[str, Tensor], shared: list[nn.Parameter], storage: Tensor):
         self.tasks, self.params = list(losses), shared
         self.sizes = [p.numel() for p in shared]
-        dtype = shared[0].dtype if shared else torch.float32
-        device = shared[0].device if shared else None
-        self.matrix = torch.zeros(len(losses), sum(self.sizes), dtype=dtype, device=device)
+        self.matrix = storage[:len(losses) * sum(self.sizes)].view(len(losses), sum(self.sizes))
         self.reached = [False] * len(shared)
         for i, loss in enumerate(losses.values()):
             loss.backward(retain_graph=i < len(losses) - 1)  # the tasks' graphs may overlap
             for k, (p, row) in enumerate(zip(shared, self.matrix[i].split(self.sizes))):
-                if p.grad is not None:
+                if p.grad is None:
+                    row.zero_()
+                else:
                     row.view_as(p).copy_(p.grad)
                     self.reached[k] = True
                     p.grad = None
@@ -89,13 +90,24 @@ class GradientMethod:
             sum(losses.values()).backward()
             distributed.average_([p.grad for p in shared if p.grad is not None])
             return None
-        grads = TaskGradients(losses, shared)
+        grads = TaskGradients(losses, shared, self.storage(len(losses), shared))
         combined, projections = self.combine(grads)
         grads.write(combined)
         return grads.diagnostics(projections) if diagnose else None
 
     def sums(self, losses: dict[str, Tensor]) -> bool:
         return False
+
+    def storage(self, tasks: int, shared: list[nn.Parameter]) -> Tensor:
+        """Room for the task gradients, kept from step to step: on a CPU, fresh memory of
+        this size costs more in page faults than the backward's copies into it."""
+        like = shared[0] if shared else torch.empty(0)
+        size = tasks * sum(p.numel() for p in shared)
+        kept = getattr(self, "_storage", None)
+        if (kept is None or kept.numel() < size
+                or (kept.dtype, kept.device) != (like.dtype, like.device)):
+            self._storage = kept = torch.empty(size, dtype=like.dtype, device=like.device)
+        return kept
 
     def state_dict(self) -> dict:
         """The RNG of methods that draw (PCGrad's task order), for exact resumes."""

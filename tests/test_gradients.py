@@ -125,6 +125,17 @@ def test_heads_keep_their_own_gradient_and_unreached_parameters_none():
     assert unused.grad is None
 
 
+def test_reused_storage_leaves_no_stale_gradient():
+    method, theta, other = Sum(), nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    method.backward({"a": theta.sum() + 5 * other.sum(), "b": -theta.sum()}, [theta, other],
+                    diagnose=True)
+    theta.grad = other.grad = None
+    diagnostics = method.backward({"a": 2 * theta.sum(), "b": theta.sum()}, [theta, other],
+                                  diagnose=True)
+    assert theta.grad.tolist() == [3, 3] and other.grad is None
+    assert diagnostics["norm"] == pytest.approx({"a": math.sqrt(8), "b": math.sqrt(2)})
+
+
 def test_reduction_is_checked():
     with pytest.raises(ValueError, match="optim.reduction must be 'sum' or 'mean'"):
         PCGrad(reduction="max")
