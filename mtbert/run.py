@@ -66,6 +66,9 @@ def main(cfg: DictConfig) -> dict:
     except Interrupted as e:
         results.update(status="interrupted", error=str(e))
         sys.exit(f"interrupted: {e}")
+    except SystemExit:  # submitit requeued the job after last.pt was saved
+        results.update(status="interrupted", error="requeued by submitit; it resumes from checkpoints/last.pt")
+        raise
     except KeyboardInterrupt:
         results.update(status="interrupted", error="interrupted (SIGINT) without a checkpoint")
         raise

@@ -194,6 +194,7 @@ class Trainer:
         self.last_eval = None
         self.elapsed = 0.0  # training seconds before this process (resumed runs)
         self.signal = None
+        self.after_save = lambda: None  # a requeue handler to run once last.pt is saved
 
     # -- one step ---------------------------------------------------------------------
     def next_batches(self, step_tasks) -> dict[str, Batch]:
@@ -286,6 +287,7 @@ class Trainer:
                         self.save_last()
                         last_save = time.perf_counter()
                     if stopping:
+                        self.after_save()
                         raise Interrupted(f"stopped by {self.signal or 'another rank'} at step {self.step}; "
                                           f"resume with: python train.py resume={self.run.path}")
                     if timed_out and not done:
@@ -397,7 +399,9 @@ class Trainer:
 @contextlib.contextmanager
 def stop_signals(trainer: Trainer):
     """SIGTERM (SLURM pre-emption) and SIGINT (Ctrl-C) stop the loop after the current
-    step, which then saves `last.pt`; a second Ctrl-C stops at once."""
+    step, which then saves `last.pt`; a second Ctrl-C stops at once. Under submitit, its
+    requeue signal (USR2) is taken the same way, and submitit's own handler (which
+    requeues the job and exits) runs once `last.pt` is saved: nothing is trained twice."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -406,10 +410,16 @@ def stop_signals(trainer: Trainer):
         if trainer.signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
         trainer.signal = signal.Signals(signum).name
+        if callable(previous.get(signum)) and signum == signal.SIGUSR2:
+            trainer.after_save = lambda: previous[signum](signum, None)
         log.warning("%s received: stopping after this step and saving checkpoints/last.pt",
                     trainer.signal)
 
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if callable(signal.getsignal(signal.SIGUSR2)):  # submitit's requeue handler
+        signals.append(signal.SIGUSR2)
+    previous = {}
+    previous.update({sig: signal.signal(sig, handle) for sig in signals})
     try:
         yield
     finally:
