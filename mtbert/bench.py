@@ -1,0 +1,425 @@
+"""Side-by-side speed benchmark (issue 6): `python -m mtbert.bench [--model minilm ...]`.
+
+One process, one backbone, the same real data, four kinds of work:
+  naive   the loop a CS224N starter user writes, kept as the baseline: each batch
+          tokenized from strings and padded to its longest, fp32, the tasks one after
+          another, each with its own backward and AdamW step;
+  bare    forward, losses, one backward and an AdamW step on batches made before the
+          clock starts, nothing else: the floor for framework overhead (a copy of mtbert
+          adam's batch streams makes the very same batches);
+  mtbert  the project's own `Trainer.next_batches` + `Trainer.training_step`, with
+          optim=adam and optim=pcgrad (and on request fp32 and unbucketed variants);
+  eval    `mtbert.evaluate.evaluate` over the full dev sets.
+Machines that run this are often shared, so the variants are interleaved, in an order
+reversed every other round (A B C C B A ...: whoever runs a batch shape first pays for
+building its kernels), for `--rounds` rounds; every figure is a median over rounds, and
+every ratio is taken within a round, then its median.
+
+Counting: sentences are encoder input sequences, as the trainer's log counts them (a
+siamese pair is two, a cross-encoded pair one); tokens are non-pad tokens. Model FLOPs
+are 6 * N * tokens per training step and 2 * N * tokens in evaluation, N the encoder's
+transformer-layer parameters (embeddings are lookups, pooler and heads act once per
+sentence, attention scores add about 1% at these lengths: all left out). Utilisation
+(MFU) is that rate over the fastest of a few large matmuls timed here in the same precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mtbert.batching import Batch
+from mtbert.data import RejectedRows, read_split
+from mtbert.device import autocast, resolve_device, resolve_precision
+from mtbert.evaluate import evaluate, format_metrics
+from mtbert.rundir import RunDir
+from mtbert.trainer import Trainer, build_network, param_groups, row_limit
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+TARGETS = {  # issue 6, CPU with MiniLM
+    "speedup_vs_naive": (">=", 2.0),
+    "overhead_vs_bare": ("<=", 0.05),
+    "pcgrad_vs_adam": ("<=", 1.15),
+    "eval_seconds": ("<=", 60.0),
+}
+
+
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of the fastest of a few large square matmuls: the practical peak. It runs
+    in every round, beside the variants, and the best round counts."""
+    size, inner = (8192, 10) if device.type == "cuda" else (2048, 1)
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * inner / best
+
+
+def layer_params(model) -> int:
+    """N of the FLOPs formula: the encoder's parameters outside embeddings and pooler."""
+    return sum(p.numel() for n, p in model.encoder.named_parameters()
+               if not n.startswith(("embeddings.", "pooler.")))
+
+
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
+    """Example indices as a shuffled DataLoader gives them, pass after pass."""
+    while True:
+        yield from torch.randperm(n, generator=generator).split(batch_size)
+
+
+class NaiveLoop:
+    """The starter's loop: strings tokenized per batch, fp32, one AdamW step per task."""
+
+    precision = "fp32"
+
+    def __init__(self, cfg, train_tasks: list[str], device: torch.device):
+        torch.manual_seed(cfg.seed)
+        self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
+        self.model.to(device).train()
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.lr, self.tasks))
+        self.train_tasks, self.device, self.max_length = train_tasks, device, cfg.data.max_length
+        root = Path(cfg.data.root).expanduser()
+        self.splits = {t: read_split(self.tasks[t], root / self.tasks[t].files["train"], RejectedRows(),
+                                     labelled=True, limit=row_limit(cfg.data.limit.train, t))
+                       for t in train_tasks}
+        generator = torch.Generator().manual_seed(cfg.seed)
+        self.orders = {t: shuffled_batches(len(self.splits[t]), cfg.data.batch_size, generator)
+                       for t in train_tasks}
+
+    def tokenize(self, task: str, index: torch.Tensor) -> Batch:
+        split, rows = self.splits[task], index.tolist()
+        texts = [[column[i] for i in rows] for column in split.texts]
+        if self.model.encodings[task] == "siamese":
+            texts = [texts[0] + texts[1]]
+        cross = self.model.encodings[task] == "cross"
+        out = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt", return_token_type_ids=cross)
+        labels = torch.tensor([split.labels[i] for i in rows], dtype=torch.float32)
+        return Batch(out["input_ids"], out["attention_mask"], out.get("token_type_ids"), labels, index)
+
+    def step(self) -> list[Batch]:
+        batches = []
+        for t in self.train_tasks:
+            batch = self.tokenize(t, next(self.orders[t])).to(self.device)
+            loss = self.objectives[t].loss(self.model(t, batch), batch.labels, self.tasks[t])
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+            batches.append(batch)
+        return batches
+
+
+class BareStep:
+    """The floor: forward, losses, one backward, an AdamW step; batches come ready-made."""
+
+    def __init__(self, cfg, device: torch.device, precision: str, streams: dict):
+        torch.manual_seed(cfg.seed)
+        self.tasks, self.objectives, self.model, _ = build_network(cfg)
+        self.model.to(device).train()
+        self.optimizer = instantiate(cfg.optim.optimizer)(param_groups(self.model, cfg.optim.lr, self.tasks))
+        self.device, self.precision, self.streams = device, precision, streams
+        self.ready = []
+
+    def prepare(self, steps: int):
+        self.ready = [{t: stream.next().to(self.device) for t, stream in self.streams.items()}
+                      for _ in range(steps)]
+
+    def step(self) -> list[Batch]:
+        batches = self.ready.pop(0)
+        losses = []
+        for t, batch in batches.items():
+            with autocast(self.device, self.precision):
+                output = self.model(t, batch)
+            losses.append(self.objectives[t].loss(output, batch.labels, self.tasks[t]))
+        sum(losses).backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return list(batches.values())
+
+
+class MtbertStep:
+    """The project's step, as `Trainer.fit` runs it: next_batches, then training_step."""
+
+    def __init__(self, cfg, run_dir: Path):
+        self.trainer = Trainer(cfg, RunDir(run_dir))
+        s = self.trainer.setup
+        self.model, self.precision, self.tasks = s.model, s.precision, s.train_tasks
+        self.model.train()
+
+    def step(self) -> list[Batch]:
+        batches = self.trainer.next_batches(self.tasks)
+        self.trainer.training_step(batches)
+        return list(batches.values())
+
+
+class Timing:
+    """Per-round seconds, sentences and tokens of one variant."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.seconds, self.sentences, self.tokens = [], [], []
+        self.working_mb = 0.0  # CUDA: peak above what was allocated before its steps
+
+    def run(self, steps: int, device: torch.device, record: bool = True):
+        if hasattr(self.runner, "prepare"):
+            self.runner.prepare(steps)
+        if device.type == "cuda":
+            before = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        sync(device)
+        start = time.perf_counter()
+        batches = [b for _ in range(steps) for b in self.runner.step()]
+        sync(device)
+        seconds = time.perf_counter() - start
+        if device.type == "cuda":
+            self.working_mb = max(self.working_mb, (torch.cuda.max_memory_allocated(device) - before) / 2**20)
+        if record:  # counted after the clock stops: no host sync inside the timed steps
+            self.seconds.append(seconds)
+            self.sentences.append(sum(b.num_sequences for b in batches))
+            self.tokens.append(int(sum(b.num_tokens for b in batches)))
+
+    def rate(self, i: int) -> float:
+        return self.sentences[i] / self.seconds[i]
+
+    def summary(self, steps: int, layer_n: int, peak: float) -> dict:
+        flops = [6 * layer_n * tok / sec for tok, sec in zip(self.tokens, self.seconds)]
+        return {
+            "precision": self.runner.precision,
+            "sentences_per_s": statistics.median(self.rate(i) for i in range(len(self.seconds))),
+            "tokens_per_s": statistics.median(t / s for t, s in zip(self.tokens, self.seconds)),
+            "step_seconds": statistics.median(s / steps for s in self.seconds),
+            "mfu": statistics.median(flops) / peak,
+            "rounds": {"seconds": self.seconds, "sentences": self.sentences, "tokens": self.tokens},
+            **({"working_mb": self.working_mb} if self.working_mb else {}),
+        }
+
+
+def per_round(a: Timing, b: Timing, fn) -> float:
+    """Median over rounds of fn(a's round, b's round): a ratio measured side by side."""
+    return statistics.median(fn(a, b, i) for i in range(len(a.seconds)))
+
+
+def machine(device: torch.device) -> dict:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo")
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")] if cpuinfo.exists() else []
+        name = names[0] if names else platform.processor()
+    return {"device": device.type, "name": name, "cpu_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "load_average_start": os.getloadavg()[0],
+            "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY") if k in os.environ}}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run(args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    info = machine(device)
+    base = [f"model={args.model}", f"data.batch_size={args.batch_size}", f"trainer.device={device.type}",
+            "logger=none", *(["++optim.optimizer.fused=true"] if device.type == "cuda" else []),
+            *args.override]
+
+    def config(*overrides):
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            return compose("train", overrides=[*base, f"trainer.precision={precision}", *overrides])
+
+    variants = {}  # name -> Timing, in the order they run within a round
+    with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
+        adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
+        streams = copy.deepcopy({t: adam.trainer.streams[t] for t in adam.tasks})  # same batches as adam
+        variants["naive"] = Timing(NaiveLoop(config("optim=adam"), adam.tasks, device))
+        variants["mtbert adam"] = Timing(adam)
+        variants["bare"] = Timing(BareStep(config("optim=adam"), device, precision, streams))
+        if (CONF / "optim" / "pcgrad.yaml").is_file():
+            variants["mtbert pcgrad"] = Timing(MtbertStep(config("optim=pcgrad"), Path(tmp) / "pcgrad"))
+        other = "fp32" if precision == "bf16" else "bf16"
+        if args.compare_precision:
+            variants[f"mtbert adam {other}"] = Timing(
+                MtbertStep(config("optim=adam", f"trainer.precision={other}"), Path(tmp) / other))
+        if args.compare_bucketing:
+            variants["mtbert adam unbucketed"] = Timing(
+                MtbertStep(config("optim=adam", "trainer.bucket_batches=1"), Path(tmp) / "unbucketed"))
+        layer_n = layer_params(adam.model)
+        if args.compile:  # the baseline stays as the starter has it
+            torch._functorch.config.donated_buffer = False  # PCGrad backpropagates with retain_graph
+            for name, v in variants.items():
+                if name != "naive":
+                    v.runner.model.encoder = torch.compile(v.runner.model.encoder, dynamic=True)
+        peaks = {"fp32": 0.0, "bf16": 0.0}
+        for r in range(args.rounds + 1):  # round 0 is the warmup
+            for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                peaks[p] = max(peaks[p], matmul_peak(device, dtype))
+            for v in list(variants.values())[::-1 if r % 2 else 1]:
+                v.run(args.warmup if r == 0 else args.steps, device, record=r > 0)
+            if r:
+                rates = ", ".join(f"{n} {v.rate(r - 1):.1f} sent/s" for n, v in variants.items())
+                print(f"round {r}/{args.rounds}: {rates}", file=sys.stderr, flush=True)
+
+        result = {"machine": info, "command": "python -m mtbert.bench " + " ".join(args.argv),
+                  "settings": {"model": args.model, "precision": precision, "batch_size": args.batch_size,
+                               "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
+                               "compile": args.compile, "tasks": adam.tasks, "overrides": args.override},
+                  "layer_params": layer_n, "matmul_peak_flops": peaks,
+                  "variants": {n: v.summary(args.steps, layer_n, peaks[v.runner.precision])
+                               for n, v in variants.items()}}
+        result["ratios"] = ratios(variants, precision, other)
+        if args.eval:
+            result["eval"] = run_eval(adam, variants["naive"].runner, device, layer_n, peaks[precision])
+        info["load_average_end"] = os.getloadavg()[0]
+        result["peak_memory_mb"] = peak_memory_mb(device)
+        result["targets"] = targets(result)
+    return result
+
+
+def ratios(v: dict[str, Timing], precision: str, other: str) -> dict:
+    """The issue's comparisons; each from rounds run side by side."""
+    out = {
+        "speedup_vs_naive": per_round(v["mtbert adam"], v["naive"], lambda a, b, i: a.rate(i) / b.rate(i)),
+        "overhead_vs_bare": per_round(v["mtbert adam"], v["bare"],
+                                      lambda a, b, i: a.seconds[i] / b.seconds[i] - 1),
+    }
+    if "mtbert pcgrad" in v:  # same batches as adam (same seed), so step time compares directly
+        out["pcgrad_vs_adam"] = per_round(v["mtbert pcgrad"], v["mtbert adam"],
+                                          lambda a, b, i: a.seconds[i] / b.seconds[i])
+    if f"mtbert adam {other}" in v:
+        bf16, fp32 = ((v["mtbert adam"], v[f"mtbert adam {other}"]) if precision == "bf16"
+                      else (v[f"mtbert adam {other}"], v["mtbert adam"]))
+        out["bf16_speedup"] = per_round(bf16, fp32, lambda a, b, i: a.rate(i) / b.rate(i))
+    if "mtbert adam unbucketed" in v:
+        out["bucketing_speedup"] = per_round(v["mtbert adam"], v["mtbert adam unbucketed"],
+                                             lambda a, b, i: a.rate(i) / b.rate(i))
+    return out
+
+
+def run_eval(adam: MtbertStep, naive: NaiveLoop, device, layer_n: int, peak: float) -> dict:
+    """Time mtbert's full dev evaluation; also score the naive loop's model, trained for as
+    many steps on as many examples, to show the speed costs no accuracy (scored in the same
+    precision: the scores are of the weights, and fp32 would double the wait)."""
+    s = adam.trainer.setup
+    dev = {n: (s.tasks[n], s.dev[n]) for n in s.tasks}
+    sync(device)
+    start = time.perf_counter()
+    metrics = evaluate(s.model, dev, s.objectives, device, s.precision)
+    sync(device)
+    seconds = time.perf_counter() - start
+    tokens = sum(int(enc.offsets[-1]) for _, enc in dev.values())
+    return {"seconds": seconds, "examples": {n: len(enc) for n, (_, enc) in dev.items()},
+            "sentences_per_s": sum(len(enc.offsets) - 1 for _, enc in dev.values()) / seconds,
+            "tokens_per_s": tokens / seconds, "mfu": 2 * layer_n * tokens / seconds / peak,
+            "dev": metrics, "naive_dev": evaluate(naive.model, dev, naive.objectives, device, s.precision)}
+
+
+def targets(result: dict) -> dict:
+    values = {**result["ratios"], **({"eval_seconds": result["eval"]["seconds"]} if "eval" in result else {})}
+    return {k: {"value": values[k], "target": f"{op} {bound}",
+                "met": values[k] >= bound if op == ">=" else values[k] <= bound}
+            for k, (op, bound) in TARGETS.items() if k in values}
+
+
+def markdown(r: dict) -> str:
+    m, s, peaks = r["machine"], r["settings"], r["matmul_peak_flops"]
+    env = "".join(f"{k}={v} " for k, v in m["env"].items())
+    lines = [
+        f"# mtbert bench: {s['model']}, {m['device']} ({m['name']}), {s['precision']}", "",
+        f"`{env}{r['command']}`", "",
+        f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_cores']} cores; load average "
+        f"{m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end. Batch "
+        f"{s['batch_size']} per task, tasks {'+'.join(s['tasks'])}; {s['rounds']} interleaved rounds "
+        f"of {s['steps']} steps after {s['warmup']} warmup step(s); medians over rounds.", "",
+        "Matmul peak: " + ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in peaks.items())
+        + "; model FLOPs 6 * N * tokens (training), 2 * N * tokens (eval), "
+        f"N = {r['layer_params']:,}.", "",
+        "| variant | precision | sentences/s | tokens/s | s/step | MFU |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, v in r["variants"].items():
+        lines.append(f"| {name} | {v['precision']} | {v['sentences_per_s']:.1f} | {v['tokens_per_s']:.0f} "
+                     f"| {v['step_seconds']:.3f} | {v['mfu']:.1%} |")
+    if "eval" in r:
+        e = r["eval"]
+        lines.append(f"| eval (full dev, {sum(e['examples'].values()):,} examples) | {s['precision']} "
+                     f"| {e['sentences_per_s']:.1f} | {e['tokens_per_s']:.0f} | {e['seconds']:.1f} s total "
+                     f"| {e['mfu']:.1%} |")
+    lines += ["", "| ratio (median of per-round ratios) | value | target | met |", "|---|---:|---|---|"]
+    values = {**r["ratios"], **({"eval_seconds": r["eval"]["seconds"]} if "eval" in r else {})}
+    for k, value in values.items():
+        t = r["targets"].get(k, {"target": "", "met": None})
+        met = {True: "yes", False: "NO", None: ""}[t["met"]]
+        lines.append(f"| {k} | {value:.3f} | {t['target']} | {met} |")
+    if "eval" in r:
+        lines += ["", f"Dev scores after the timed steps: mtbert adam: {format_metrics(r['eval']['dev'])}; "
+                  f"naive: {format_metrics(r['eval']['naive_dev'])}"]
+    lines += ["", f"Peak memory of the bench process (all variants loaded): {r['peak_memory_mb']:,.0f} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m mtbert.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["minilm", "tiny", "bert_base"], default="minilm")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="of the bare and mtbert steps (the naive loop is fp32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="per task")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoder (not the naive loop's); eval then includes its compilation")
+    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                        help="time the full dev evaluation")
+    parser.add_argument("--compare-precision", action="store_true",
+                        help="also run mtbert adam in the other precision")
+    parser.add_argument("--compare-bucketing", action="store_true",
+                        help="also run mtbert adam without length bucketing")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Hydra override for every variant (repeatable)")
+    parser.add_argument("--out", action="append", default=[], metavar="PATH",
+                        help="write the result: .json or .md (repeatable)")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    result = run(args)
+    report = markdown(result)
+    print(report)
+    for path in map(Path, args.out):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n" if path.suffix == ".json" else report)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`python -m mtbert.bench` end to end on synthetic data: the report's structure, not its timings."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PAPER_KEYS = {"sst_acc", "para_acc", "sts_pearson", "mean", "overall"}
+
+
+def test_bench_cli_reports_every_variant(tmp_path, data_dir):
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1"}  # a shared CI machine stalls multi-threaded tiny kernels
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtbert.bench", "--model", "tiny", "--device", "cpu", "--precision", "fp32",
+         "--batch-size", "6", "--steps", "2", "--warmup", "1", "--rounds", "1",
+         "--compare-precision", "--compare-bucketing", "--out", str(out_json), "--out", str(out_md)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out_json.read_text())
+
+    variants = r["variants"]
+    assert list(variants) == ["naive", "mtbert adam", "bare", "mtbert pcgrad", "mtbert adam bf16",
+                              "mtbert adam unbucketed"]
+    for name, v in variants.items():
+        assert v["sentences_per_s"] > 0 and v["tokens_per_s"] > 0 and v["mfu"] > 0, name
+        # every variant trains on as much: 2 steps of 6 SST + 6 Quora + 6 STS pairs (siamese: 12)
+        assert v["rounds"]["sentences"] == [2 * (6 + 6 + 12)], name
+    assert variants["naive"]["precision"] == "fp32" and variants["mtbert adam bf16"]["precision"] == "bf16"
+    same_batches = variants["mtbert adam"]["rounds"]["tokens"]
+    assert variants["bare"]["rounds"]["tokens"] == same_batches
+    assert variants["mtbert pcgrad"]["rounds"]["tokens"] == same_batches
+
+    assert set(r["ratios"]) == {"speedup_vs_naive", "overhead_vs_bare", "pcgrad_vs_adam", "bf16_speedup",
+                                "bucketing_speedup"}
+    assert set(r["targets"]) == {"speedup_vs_naive", "overhead_vs_bare", "pcgrad_vs_adam", "eval_seconds"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"].values())
+    assert r["eval"]["examples"] == {"sst": 60, "para": 60, "sts": 60}
+    assert set(r["eval"]["dev"]) == set(r["eval"]["naive_dev"]) == PAPER_KEYS
+    assert r["matmul_peak_flops"]["fp32"] > 0 and r["peak_memory_mb"] > 0 and r["layer_params"] > 0
+    assert r["machine"]["torch"] and r["settings"]["tasks"] == ["sst", "para", "sts"]
+
+    report = out_md.read_text()
+    assert "| naive | fp32 |" in report and "| speedup_vs_naive |" in report and "eval (full dev" in report
+    assert report in proc.stdout
