@@ -81,7 +81,7 @@ def read_job(path: Path) -> Job:
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def summarize(jobs: list[Job]) -> list[dict]:
@@ -127,7 +127,7 @@ def one_line(text: str, width: int = 100) -> str:
 def fmt(value, std=None, digits=3) -> str:
     if value is None:
         return "-"
-    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
+    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
 def markdown(rows: list[dict]) -> str:
