@@ -95,10 +95,6 @@ class _Cosine(Objective):
             raise ValueError(f"{type(self).__name__} needs a sentence-pair regression task; "
                              f"{task.name} is not")
 
-    def unit_label(self, labels, task):
-        low, high = task.score_range
-        return (labels - low) / (high - low)
-
     def predict(self, output, task):
         low, high = task.score_range
         return low + output.float() * (high - low)
@@ -124,7 +120,8 @@ class CosineMSE(_Cosine):
     CosineSimilarityLoss): keeps the grading that eq. 3's threshold throws away."""
 
     def loss(self, output, labels, task):
-        return F.mse_loss(output.float(), self.unit_label(labels, task))
+        low, high = task.score_range
+        return F.mse_loss(output.float(), (labels - low) / (high - low))
 
 
 def default_objective(task: Task) -> Objective:
