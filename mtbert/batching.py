@@ -115,11 +115,16 @@ class Batch:
     def __post_init__(self):
         self.global_size = self.global_size or len(self.index)
 
-    def to(self, device, non_blocking: bool = False) -> Batch:
+    def to(self, device) -> Batch:
+        """This batch on `device`. To a GPU it goes from pinned memory without blocking
+        the host, which meanwhile prepares the next step."""
+        device = torch.device(device)
+        pinned = device.type == "cuda"
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
         for name, value in moved.items():
             if isinstance(value, Tensor):
-                moved[name] = value.to(device, non_blocking=non_blocking)
+                moved[name] = (value.pin_memory().to(device, non_blocking=True) if pinned
+                               else value.to(device))
         return Batch(**moved)
 
     @property

@@ -24,12 +24,15 @@ def predict(model, task: Task, objective: Objective, enc: Encoded, device, preci
     """Predictions for every example of `enc`, in file order (batches run in length order)."""
     was_training = model.training
     model.eval()
-    out = torch.empty(len(enc))
+    predictions, order = [], []
     for batch in eval_batches(enc, max_tokens):
         with autocast(device, precision):
-            output = model(task.name, batch.to(device, non_blocking=True))
-        out[batch.index] = objective.predict(output, task).float().cpu()
+            output = model(task.name, batch.to(device))
+        predictions.append(objective.predict(output, task).float())
+        order.append(batch.index)
     model.train(was_training)
+    out = torch.empty(len(enc))
+    out[torch.cat(order)] = torch.cat(predictions).cpu()  # the one wait for the device
     return out
 
 

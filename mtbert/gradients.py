@@ -50,8 +50,8 @@ class TaskGradients:
 
     @cached_property
     def gram(self) -> Tensor:
-        """[T, T] dot products of the task gradients, in float64 on the CPU."""
-        return (self.matrix @ self.matrix.T).double().cpu()
+        """[T, T] dot products of the task gradients, in float64, on their device."""
+        return (self.matrix @ self.matrix.T).double()
 
     def write(self, combined: Tensor):
         """Set each reached shared parameter's `.grad` to its slice of `combined` [P]."""
@@ -59,16 +59,18 @@ class TaskGradients:
             if reached:
                 p.grad = g.view_as(p)
 
-    def diagnostics(self, projections: int | None) -> dict:
+    def diagnostics(self, projections: Tensor | None) -> dict:
         """Norms and pairwise cosines of the task gradients (null where a norm is 0)."""
-        norms = self.gram.diagonal().sqrt().tolist()
+        gram = self.gram.cpu()
+        norms = gram.diagonal().sqrt().tolist()
         cos = {}
         for i in range(len(self.tasks)):
             for j in range(i + 1, len(self.tasks)):
                 denominator = norms[i] * norms[j]
                 cos[f"{self.tasks[i]}|{self.tasks[j]}"] = (
-                    self.gram[i, j].item() / denominator if denominator > 0 else math.nan)
-        return {"cos": cos, "norm": dict(zip(self.tasks, norms)), "projections": projections}
+                    gram[i, j].item() / denominator if denominator > 0 else math.nan)
+        return {"cos": cos, "norm": dict(zip(self.tasks, norms)),
+                "projections": None if projections is None else int(projections)}
 
 
 class GradientMethod:
@@ -119,7 +121,8 @@ class GradientMethod:
             self.generator.set_state(state["generator"])
 
     def combine(self, grads: TaskGradients) -> tuple[Tensor, int | None]:
-        """The shared parameters' gradient [P], and the number of projections (or None)."""
+        """The shared parameters' gradient [P], and the number of projections (a 0-d
+        tensor, or None): nothing here waits for the device."""
         raise NotImplementedError
 
 
@@ -138,7 +141,9 @@ class PCGrad(GradientMethod):
     g_i conflicts with the original g_j (g_i . g_j < 0), g_i loses its component along
     g_j. A projected gradient is a linear combination of the task gradients, so it is
     tracked as coefficients and every dot product comes from the Gram matrix: the T x P
-    task gradients are touched twice, for the Gram matrix and for the combination.
+    task gradients are touched twice, for the Gram matrix and for the combination. The
+    conflict test is a `torch.where` on the device, not a Python branch, so the step
+    never waits for a GPU.
     """
 
     def __init__(self, reduction: str = "sum", seed: int = 0):
@@ -150,19 +155,19 @@ class PCGrad(GradientMethod):
     def sums(self, losses):
         return len(losses) == 1
 
-    def coefficients(self, gram: Tensor) -> tuple[Tensor, int]:
+    def coefficients(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Row i: projected g_i over the original task gradients; and the projections made."""
         tasks = gram.shape[0]
-        coefficients = torch.eye(tasks, dtype=gram.dtype)
-        projections = 0
+        coefficients = torch.eye(tasks, dtype=gram.dtype, device=gram.device)
+        projections = torch.zeros((), dtype=torch.long, device=gram.device)
         for i in range(tasks):
             for j in torch.randperm(tasks, generator=self.generator).tolist():
                 if j == i:
                     continue
                 dot = gram[j] @ coefficients[i]  # (projected g_i) . g_j
-                if dot < 0:
-                    coefficients[i, j] -= dot / gram[j, j]
-                    projections += 1
+                conflict = dot < 0  # never where g_j = 0, so the unused 0/0 never counts
+                coefficients[i, j] -= torch.where(conflict, dot / gram[j, j], 0)
+                projections += conflict
         return coefficients, projections
 
     def combine(self, grads):

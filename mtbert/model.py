@@ -48,6 +48,13 @@ def load_encoder(source: str, random_init: dict | None = None) -> nn.Module:
     return AutoModel.from_pretrained(path)
 
 
+def additive_mask(attention_mask: Tensor) -> Tensor:
+    """The [B, 1, 1, L] mask (0 to attend, -max to ignore) that sdpa and eager attention
+    add to their scores. transformers uses a 4-D mask as it is; from a 2-D one it first
+    asks the device whether any token is padding, a host sync in every forward."""
+    return (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+
+
 class LinearHead(nn.Module):
     """A linear layer on the shared embedding; for siamese pairs on [u; v] (section 3.6)."""
 
@@ -117,6 +124,12 @@ class MultitaskBert(nn.Module):
                              f"got {encoding!r}")
         return encoding
 
+    def compile_encoder(self):
+        """torch.compile the encoder in place, so its state_dict keys stay as they are."""
+        # the error message's own remedy for backward with retain_graph (PCGrad's per-task backward)
+        torch._functorch.config.donated_buffer = False
+        self.encoder.compile(dynamic=True)
+
     def set_encoder_trainable(self, trainable: bool):
         """Freeze or unfreeze the encoder; a frozen encoder also runs without autograd."""
         self.encoder.requires_grad_(trainable)
@@ -124,7 +137,7 @@ class MultitaskBert(nn.Module):
 
     def embed(self, batch: Batch) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
-            out = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+            out = self.encoder(input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask),
                                token_type_ids=batch.token_type_ids)
         if self.pooling == "pooler":
             return out.pooler_output

@@ -118,6 +118,8 @@ class Setup:
         self.device = resolve_device(cfg.trainer.device)
         self.precision = resolve_precision(cfg.trainer.precision, self.device)
         self.model.to(self.device)
+        if cfg.trainer.compile:
+            self.model.compile_encoder()
         self.optimizer = instantiate(cfg.optim.optimizer)(
             param_groups(self.model, cfg.optim.lr, self.tasks))
         self.train, self.dev = self._load_data()
@@ -149,6 +151,29 @@ class Interrupted(Exception):
 
 class NonFiniteLoss(FloatingPointError):
     pass
+
+
+class NonFiniteWatch:
+    """Notes on the device, with no host sync, each task's first step with a non-finite
+    loss; `check()`, called where the loop syncs anyway (logging, evaluation, saving),
+    raises for the earliest. Between a bad step and the check the run trains on, but no
+    evaluation or checkpoint is made from its weights."""
+
+    def __init__(self, tasks: list[str], device: torch.device):
+        self.first = {t: torch.full((), -1, device=device) for t in tasks}
+
+    def note(self, step: int, losses: dict[str, torch.Tensor]):
+        for t, loss in losses.items():
+            first = self.first[t]
+            self.first[t] = torch.where((first < 0) & ~loss.isfinite(), step, first)
+
+    def check(self):
+        steps = {t: int(step) for t, step in self.first.items()}
+        bad = {t: step for t, step in steps.items() if step >= 0}
+        if bad:
+            step = min(bad.values())
+            raise NonFiniteLoss(f"non-finite loss for task(s) {[t for t in bad if bad[t] == step]} at step "
+                                f"{step}; lower the learning rates, or set trainer.on_nonfinite=skip")
 
 
 class Trainer:
@@ -195,16 +220,19 @@ class Trainer:
         self.elapsed = 0.0  # training seconds before this process (resumed runs)
         self.signal = None
         self.after_save = lambda: None  # a requeue handler to run once last.pt is saved
+        self.nonfinite = NonFiniteWatch(s.train_tasks, s.device)
 
     # -- one step ---------------------------------------------------------------------
     def next_batches(self, step_tasks) -> dict[str, Batch]:
-        return {t: self.streams[t].next().to(self.setup.device, non_blocking=True) for t in step_tasks}
+        return {t: self.streams[t].next().to(self.setup.device) for t in step_tasks}
 
     def training_step(self, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
         """Forward each task's batch, combine the losses with the gradient method, step.
 
-        Returns the detached weighted losses. A non-finite loss stops the run naming the
-        task, or with `trainer.on_nonfinite=skip` the step is skipped and counted.
+        Returns the detached weighted losses, still on the device: the step never waits
+        for the GPU. A non-finite loss stops the run at the next check, naming task and
+        step; with `trainer.on_nonfinite=skip` the step is skipped and counted, which needs
+        the verdict before the optimizer step (one host sync per step, in that mode only).
         """
         s = self.setup
         losses = {}
@@ -214,15 +242,15 @@ class Trainer:
             loss = s.objectives[t].loss(output, batch.labels, s.tasks[t])
             share = len(batch.index) * distributed.world_size() / batch.global_size  # 1 alone
             losses[t] = s.weights[t] * share * loss
-        finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite()
-        if not bool(finite.all()):
-            bad = [t for t, ok in zip(losses, finite.tolist()) if not ok]
-            if self.tcfg.on_nonfinite == "error":
-                raise NonFiniteLoss(f"non-finite loss for task(s) {bad} at step {self.step}; "
-                                    "lower the learning rates, or set trainer.on_nonfinite=skip")
-            log.warning("step %d: non-finite loss for %s, batch skipped", self.step, bad)
-            self.skipped += 1
-            return {}
+        if self.tcfg.on_nonfinite == "error":
+            self.nonfinite.note(self.step, {t: loss.detach() for t, loss in losses.items()})
+        else:
+            finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite()
+            if not bool(finite.all()):
+                bad = [t for t, ok in zip(losses, finite.tolist()) if not ok]
+                log.warning("step %d: non-finite loss for %s, batch skipped", self.step, bad)
+                self.skipped += 1
+                return {}
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
         diagnostics = s.gradient.backward(losses, [p for p in self.shared if p.requires_grad],
                                           diagnose=diagnose)
@@ -311,6 +339,7 @@ class Trainer:
 
     def log_progress(self, loss_sums, loss_counts, step_seconds: float, elapsed: float):
         """One progress line and one `train` event; the only host sync of the loop."""
+        self.nonfinite.check()
         train_loss = {t: (loss_sums[t] / loss_counts[t]).item()
                       for t in loss_sums if loss_counts[t]}
         lr = {g["name"]: g["lr"] for g in self.setup.optimizer.param_groups}
@@ -329,6 +358,7 @@ class Trainer:
 
     def evaluate(self):
         s = self.setup
+        self.nonfinite.check()
         self.last_eval = self.step
         t0 = time.perf_counter()
         metrics = evaluate(s.model, {n: (s.tasks[n], s.dev[n]) for n in s.tasks}, s.objectives,
@@ -383,6 +413,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def save_last(self):
+        self.nonfinite.check()
         self.run.save_checkpoint(self.state_dict(), "last")
 
     def resume(self, path: Path):

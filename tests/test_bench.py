@@ -17,7 +17,7 @@ def test_bench_cli_reports_every_variant(tmp_path, data_dir):
     proc = subprocess.run(
         [sys.executable, "-m", "mtbert.bench", "--model", "tiny", "--device", "cpu", "--precision", "fp32",
          "--batch-size", "6", "--steps", "2", "--warmup", "1", "--rounds", "1",
-         "--compare-precision", "--compare-bucketing", "--out", str(out_json), "--out", str(out_md)],
+         "--compare-precision", "--compare-bucketing", "--train-steps", "3", "--out", str(out_json), "--out", str(out_md)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     r = json.loads(out_json.read_text())
@@ -36,13 +36,21 @@ def test_bench_cli_reports_every_variant(tmp_path, data_dir):
 
     assert set(r["ratios"]) == {"speedup_vs_naive", "overhead_vs_bare", "pcgrad_vs_adam", "bf16_speedup",
                                 "bucketing_speedup"}
-    assert set(r["targets"]) == {"speedup_vs_naive", "overhead_vs_bare", "pcgrad_vs_adam", "eval_seconds"}
+    assert set(r["targets"]) == {"speedup_vs_naive", "overhead_vs_bare", "pcgrad_vs_adam", "eval_seconds",
+                                 "mean_vs_naive"}
     assert all(isinstance(t["met"], bool) for t in r["targets"].values())
     assert r["eval"]["examples"] == {"sst": 60, "para": 60, "sts": 60}
-    assert set(r["eval"]["dev"]) == set(r["eval"]["naive_dev"]) == PAPER_KEYS
+
+    short = r["short_run"]
+    assert short["mtbert"]["steps"] == short["naive"]["steps"] == 3
+    assert 1 <= short["naive, mtbert's time"]["steps"] <= 3
+    for run in ("mtbert", "naive", "naive, mtbert's time"):
+        assert set(short[run]["dev"]) == PAPER_KEYS and short[run]["train_seconds"] > 0, run
+    assert short["mean_vs_naive"] == short["mtbert"]["dev"]["mean"] - short["naive"]["dev"]["mean"]
     assert r["matmul_peak_flops"]["fp32"] > 0 and r["peak_memory_mb"] > 0 and r["layer_params"] > 0
     assert r["machine"]["torch"] and r["settings"]["tasks"] == ["sst", "para", "sts"]
 
     report = out_md.read_text()
     assert "| naive | fp32 |" in report and "| speedup_vs_naive |" in report and "eval (full dev" in report
+    assert "| naive, mtbert's time |" in report
     assert report in proc.stdout

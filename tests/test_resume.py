@@ -108,6 +108,8 @@ def test_non_finite_loss_names_task_and_step(tmp_path, data_dir):
         t.setup.model.heads["para"].linear.weight.fill_(math.nan)
     with pytest.raises(NonFiniteLoss, match=r"task\(s\) \['para'\] at step 0.*on_nonfinite=skip"):
         t.fit()
+    assert t.step > 1, "noted on the device, raised at the next check"
+    assert not list(t.run.checkpoints.glob("*")), "nothing is saved from the spoilt weights"
 
 
 def test_non_finite_loss_skip_leaves_parameters_alone(tmp_path, data_dir):
