@@ -8,7 +8,8 @@ One process, one backbone, the same real data, four kinds of work:
           clock starts, nothing else: the floor for framework overhead (a copy of mtbert
           adam's batch streams makes the very same batches);
   mtbert  the project's own `Trainer.next_batches` + `Trainer.training_step`, with
-          optim=adam and optim=pcgrad (and on request fp32 and unbucketed variants);
+          optim=adam and optim=pcgrad (and on request fp32, unbucketed and `--variant`
+          KEY=VALUE variants, each timed beside the default);
   eval    `mtbert.evaluate.evaluate` over the full dev sets.
 With `--train-steps N`, a short real run then trains a fresh mtbert (`Trainer.fit`, as
 `python train.py` does) and a fresh naive loop for N steps each, the same examples of
@@ -280,6 +281,9 @@ def run(args) -> dict:
         if args.compare_bucketing:
             variants["mtbert adam unbucketed"] = Timing(
                 MtbertStep(config("optim=adam", "trainer.bucket_batches=1"), Path(tmp) / "unbucketed"))
+        for i, override in enumerate(args.variant):
+            variants[f"mtbert adam {override}"] = Timing(
+                MtbertStep(config("optim=adam", override), Path(tmp) / f"variant{i}"))
         layer_n = layer_params(adam.model)
         peaks = {"fp32": 0.0, "bf16": 0.0}
         for r in range(args.rounds + 1):  # round 0 is the warmup
@@ -298,7 +302,7 @@ def run(args) -> dict:
                   "layer_params": layer_n, "matmul_peak_flops": peaks,
                   "variants": {n: v.summary(args.steps, layer_n, peaks[v.runner.precision])
                                for n, v in variants.items()}}
-        result["ratios"] = ratios(variants, precision, other)
+        result["ratios"] = ratios(variants, precision, other, args.variant)
         if args.eval:
             result["eval"] = run_eval(adam, device, layer_n, peaks[precision])
         if args.train_steps:
@@ -310,7 +314,7 @@ def run(args) -> dict:
     return result
 
 
-def ratios(v: dict[str, Timing], precision: str, other: str) -> dict:
+def ratios(v: dict[str, Timing], precision: str, other: str, overrides: list[str]) -> dict:
     """The issue's comparisons; each from rounds run side by side."""
     out = {
         "speedup_vs_naive": per_round(v["mtbert adam"], v["naive"], lambda a, b, i: a.rate(i) / b.rate(i)),
@@ -327,6 +331,9 @@ def ratios(v: dict[str, Timing], precision: str, other: str) -> dict:
     if "mtbert adam unbucketed" in v:
         out["bucketing_speedup"] = per_round(v["mtbert adam"], v["mtbert adam unbucketed"],
                                              lambda a, b, i: a.rate(i) / b.rate(i))
+    for override in overrides:  # what the default gains over that setting
+        out[f"speedup_vs {override}"] = per_round(v["mtbert adam"], v[f"mtbert adam {override}"],
+                                                  lambda a, b, i: a.rate(i) / b.rate(i))
     return out
 
 
@@ -462,6 +469,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also run mtbert adam in the other precision")
     parser.add_argument("--compare-bucketing", action="store_true",
                         help="also run mtbert adam without length bucketing")
+    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time mtbert adam with this Hydra override, and its speed ratio (repeatable)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every variant (repeatable)")
     parser.add_argument("--out", action="append", default=[], metavar="PATH",

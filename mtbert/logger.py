@@ -4,13 +4,15 @@ metrics.jsonl and results.json are the record of a run whatever the logger; a lo
 mirrors them elsewhere. `logger=wandb` makes one W&B run per Hydra job, grouped by sweep,
 and never lets the network stop or stall training: without an API key it logs offline
 (`wandb sync` uploads later), and an online start that cannot reach the server falls
-back to offline.
+back to offline. A resumed or requeued job continues its W&B run: the run directory
+keeps the W&B run id in `wandb_run_id`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 import wandb
@@ -104,7 +106,7 @@ class WandbLogger:
                     name=hydra.job.override_dirname or self.run_dir.name, config=config,
                     # WANDB_DIR, where set, is the user's choice; else the run keeps its W&B files
                     dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir),
-                    reinit="finish_previous")
+                    reinit="finish_previous", id=self.run_id(), resume="allow")
         mode = resolve_mode(self.mode)
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=self.init_timeout),
@@ -116,6 +118,13 @@ class WandbLogger:
                         "later with `wandb sync`", str(e).splitlines()[0])
             self.run = wandb.init(mode="offline", **init)
         self.run.define_metric("eval/dev/*", summary="max")
+
+    def run_id(self) -> str:
+        """The job's W&B run id, made at its first start and read back when it resumes."""
+        path = self.run_dir / "wandb_run_id"
+        if not path.is_file():
+            path.write_text(secrets.token_hex(6) + "\n")  # W&B ids: letters and digits
+        return path.read_text().strip()
 
     def event(self, record: dict):
         """Numbers only, at the optimizer step: metrics that are null (not evaluated) are

@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from wandb.proto import wandb_internal_pb2
 from wandb.sdk import wandb_setup
 
-from conftest import ROOT, read_results
+from conftest import ROOT, read_results, run_train
 from mtbert.logger import NoLogger, api_key_configured, flatten, resolve_mode
 from mtbert.rundir import RunDir
 
@@ -149,6 +149,14 @@ def test_offline_run_has_config_history_summary_and_files(wandb_env, data_dir, m
     assert run["exit_code"] == 0
     assert any(f.startswith("media/images/plots/grad_conflict") for f in run["files"])
     assert [a.type for a in run["artifacts"] if a.type == "model"] == ["model"]
+
+
+def test_resumed_run_continues_its_wandb_run(wandb_env, data_dir):
+    train("hydra.run.dir=run", cwd=wandb_env, data=data_dir)
+    run_train("resume=run", cwd=wandb_env, data=data_dir)
+    first, second = offline_runs(wandb_env / "run")
+    run_id = (wandb_env / "run" / "wandb_run_id").read_text().strip()
+    assert first["run"].run_id == second["run"].run_id == run_id  # `wandb sync` merges them
 
 
 def test_multirun_without_api_key_is_offline_and_grouped(wandb_env, data_dir):
