@@ -19,6 +19,22 @@ import torch
 import torch.distributed as dist
 
 
+def adopt_submitit_tasks():
+    """Under submitit with several tasks per job (`hydra.launcher.tasks_per_node=N`), make
+    each task a rank, as torchrun would: export RANK, WORLD_SIZE, LOCAL_RANK and the
+    master address that submitit derives from the job. Call before choosing a device."""
+    if "WORLD_SIZE" in os.environ:  # torchrun's, or already adopted
+        return
+    try:
+        import submitit
+        tasks = submitit.JobEnvironment().num_tasks
+    except (ImportError, RuntimeError):  # not a submitit job
+        return
+    if tasks > 1:
+        # overwrite: a MASTER_PORT already set is the port to use, and submitit reads it
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
 def setup(device: torch.device) -> tuple[int, int]:
     """Join the process group torchrun describes; (rank, world size), (0, 1) alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -120,7 +120,7 @@ class GradientMethod:
         if "generator" in state:
             self.generator.set_state(state["generator"])
 
-    def combine(self, grads: TaskGradients) -> tuple[Tensor, int | None]:
+    def combine(self, grads: TaskGradients) -> tuple[Tensor, Tensor | None]:
         """The shared parameters' gradient [P], and the number of projections (a 0-d
         tensor, or None): nothing here waits for the device."""
         raise NotImplementedError
@@ -165,7 +165,7 @@ class PCGrad(GradientMethod):
                 if j == i:
                     continue
                 dot = gram[j] @ coefficients[i]  # (projected g_i) . g_j
-                conflict = dot < 0  # never where g_j = 0, so the unused 0/0 never counts
+                conflict = dot < 0  # g_j = 0 gives dot = 0: no conflict, and where() drops 0/0
                 coefficients[i, j] -= torch.where(conflict, dot / gram[j, j], 0)
                 projections += conflict
         return coefficients, projections

@@ -46,6 +46,7 @@ def main(cfg: DictConfig) -> dict:
     experiment = hydra.runtime.choices.get("experiment")
     if cfg.resume:
         cfg, experiment = resumed_config(cfg, hydra)
+    distributed.adopt_submitit_tasks()
     rank, _ = distributed.setup(resolve_device(cfg.trainer.device))
     output_dir = hydra.runtime.output_dir
     if distributed.broadcast_object(output_dir) != output_dir:

@@ -62,3 +62,24 @@ def run_train_initial(tmp_path, data_dir):
         cfg = compose("train", overrides=list(EXACT))
     torch.manual_seed(cfg.seed)
     return build_network(cfg)[2].state_dict()
+
+
+def test_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, data_dir):
+    """`hydra.launcher.tasks_per_node=2`: the job's two tasks are the two ranks of one run
+    (submitit_local here; SLURM sets the same variables through submitit)."""
+    one, sweep = tmp_path / "one", tmp_path / "sweep"
+    run_train(*EXACT, f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                           "hydra.launcher.tasks_per_node=2", f"hydra.sweep.dir={sweep}", *EXACT],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out"))
+    assert logs.count("run directory:") == 1, "only rank 0 reports"
+    a = load_checkpoint(one / "checkpoints" / "last.pt")
+    b = load_checkpoint(sweep / "0" / "checkpoints" / "last.pt")
+    assert a["loop"]["seen"] == b["loop"]["seen"] and b["loop"]["step"] == 4
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    assert read_results(sweep / "0")["status"] == "completed"
