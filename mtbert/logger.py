@@ -116,6 +116,7 @@ class WandbLogger:
                 raise
             log.warning("W&B could not start online (%s): logging offline instead; upload "
                         "later with `wandb sync`", str(e).splitlines()[0])
+            wandb.teardown()  # the failed start still holds the run id in wandb's service
             self.run = wandb.init(mode="offline", **init)
         self.run.define_metric("eval/dev/*", summary="max")
 
