@@ -3,7 +3,9 @@
 One process, one backbone, the same real data, four kinds of work:
   naive   the loop a CS224N starter user writes, kept as the baseline: each batch
           tokenized from strings and padded to its longest, fp32, the tasks one after
-          another, each with its own backward and AdamW step;
+          another, each with its own backward; then one AdamW step on their summed loss,
+          the paper's update (its Eq. 1) and mtbert's, so that the two differ only in how
+          they run it (`--naive-update per_task` steps after every task instead);
   bare    forward, losses, one backward and an AdamW step on batches made before the
           clock starts, nothing else: the floor for framework overhead (a copy of mtbert
           adam's batch streams makes the very same batches);
@@ -99,11 +101,14 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 class NaiveLoop:
-    """The starter's loop: strings tokenized per batch, fp32, one AdamW step per task."""
+    """The starter's loop: strings tokenized per batch, fp32, a backward per task, and one
+    AdamW step per step ("combined") or per task ("per_task": three updates per step)."""
 
     precision = "fp32"
+    updates = ("combined", "per_task")
 
-    def __init__(self, cfg, train_tasks: list[str], device: torch.device):
+    def __init__(self, cfg, train_tasks: list[str], device: torch.device, update: str = "combined"):
+        self.update = update
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
         self.model.to(device).train()
@@ -130,12 +135,13 @@ class NaiveLoop:
 
     def step(self) -> list[Batch]:
         batches = []
-        for t in self.train_tasks:
+        for i, t in enumerate(self.train_tasks, 1):
             batch = self.tokenize(t, next(self.orders[t])).to(self.device)
             loss = self.objectives[t].loss(self.model(t, batch), batch.labels, self.tasks[t])
             loss.backward()
-            self.optimizer.step()
-            self.optimizer.zero_grad()
+            if self.update == "per_task" or i == len(self.train_tasks):
+                self.optimizer.step()
+                self.optimizer.zero_grad()
             batches.append(batch)
         return batches
 
@@ -269,7 +275,7 @@ def run(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
         adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
         streams = copy.deepcopy({t: adam.trainer.streams[t] for t in adam.tasks})  # same batches as adam
-        variants["naive"] = Timing(NaiveLoop(config("optim=adam"), adam.tasks, device))
+        variants["naive"] = Timing(NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update))
         variants["mtbert adam"] = Timing(adam)
         variants["bare"] = Timing(BareStep(config("optim=adam"), device, precision, streams))
         if (CONF / "optim" / "pcgrad.yaml").is_file():
@@ -298,7 +304,8 @@ def run(args) -> dict:
         result = {"machine": info, "command": "python -m mtbert.bench " + " ".join(args.argv),
                   "settings": {"model": args.model, "precision": precision, "batch_size": args.batch_size,
                                "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
-                               "compile": args.compile, "tasks": adam.tasks, "overrides": args.override},
+                               "compile": args.compile, "tasks": adam.tasks, "overrides": args.override,
+                               "naive_update": args.naive_update},
                   "layer_params": layer_n, "matmul_peak_flops": peaks,
                   "variants": {n: v.summary(args.steps, layer_n, peaks[v.runner.precision])
                                for n, v in variants.items()}}
@@ -307,7 +314,8 @@ def run(args) -> dict:
             result["eval"] = run_eval(adam, device, layer_n, peaks[precision])
         if args.train_steps:
             variants.clear()  # free the timed variants' models first
-            result["short_run"] = short_run(config, args.train_steps, device, Path(tmp) / "short")
+            result["short_run"] = short_run(config, args.train_steps, device, Path(tmp) / "short",
+                                            args.naive_update)
         info["load_average_end"] = os.getloadavg()[0]
         result["peak_memory_mb"] = peak_memory_mb(device)
         result["targets"] = targets(result)
@@ -352,7 +360,7 @@ def run_eval(adam: MtbertStep, device, layer_n: int, peak: float) -> dict:
             "tokens_per_s": tokens / seconds, "mfu": 2 * layer_n * tokens / seconds / peak}
 
 
-def short_run(config, steps: int, device: torch.device, run_dir: Path) -> dict:
+def short_run(config, steps: int, device: torch.device, run_dir: Path, naive_update: str) -> dict:
     """mtbert's `Trainer.fit` and the naive loop, each from the same initial weights for
     `steps` steps (one batch of every task per step), scored by the same evaluation (in
     mtbert's precision: the scores are of the weights). Training seconds leave out
@@ -368,7 +376,7 @@ def short_run(config, steps: int, device: torch.device, run_dir: Path) -> dict:
     out = {"steps": steps, "mtbert": {"steps": steps, "train_seconds": mtbert_seconds,
                                       "sentences_per_s": trainer.sentences / mtbert_seconds, "dev": fit["dev"]}}
 
-    naive = NaiveLoop(config("optim=adam"), s.train_tasks, device)
+    naive = NaiveLoop(config("optim=adam"), s.train_tasks, device, naive_update)
     dev = {n: (s.tasks[n], s.dev[n]) for n in s.tasks}
     seconds = sentences = 0.0
     for step in range(1, steps + 1):
@@ -414,7 +422,8 @@ def markdown(r: dict) -> str:
         f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_cores']} cores; load average "
         f"{m['load_average_start']:.1f} at start, {m['load_average_end']:.1f} at end. Batch "
         f"{s['batch_size']} per task, tasks {'+'.join(s['tasks'])}; {s['rounds']} interleaved rounds "
-        f"of {s['steps']} steps after {s['warmup']} warmup step(s); medians over rounds.", "",
+        f"of {s['steps']} steps after {s['warmup']} warmup step(s); medians over rounds. The naive "
+        f"loop's AdamW update: {s['naive_update']}.", "",
         "Matmul peak: " + ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in peaks.items())
         + "; model FLOPs 6 * N * tokens (training), 2 * N * tokens (eval), "
         f"N = {r['layer_params']:,}.", "",
@@ -471,6 +480,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also run mtbert adam without length bucketing")
     parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
                         help="also time mtbert adam with this Hydra override, and its speed ratio (repeatable)")
+    parser.add_argument("--naive-update", choices=NaiveLoop.updates, default="combined",
+                        help="the naive loop's AdamW steps: one on the summed loss (mtbert's update) "
+                             "or one after each task")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra Hydra override for every variant (repeatable)")
     parser.add_argument("--out", action="append", default=[], metavar="PATH",

@@ -5,7 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
 from conftest import ROOT
+from mtbert.bench import NaiveLoop
 
 PAPER_KEYS = {"sst_acc", "para_acc", "sts_pearson", "mean", "overall"}
 
@@ -55,3 +60,31 @@ def test_bench_cli_reports_every_variant(tmp_path, data_dir):
     assert "| naive | fp32 |" in report and "| speedup_vs_naive |" in report and "eval (full dev" in report
     assert "| naive, mtbert's time |" in report
     assert report in proc.stdout
+
+
+@pytest.fixture
+def naive_loop(data_dir, tmp_path):
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", "logger=none", f"data.root={data_dir}",
+                                          f"data.cache_dir={tmp_path}/c", "data.batch_size=4"])
+    return lambda update: NaiveLoop(cfg, ["sst", "para", "sts"], torch.device("cpu"), update)
+
+
+def test_naive_combined_update_is_one_adamw_step_on_the_summed_loss(naive_loop):
+    combined, per_task, by_hand = naive_loop("combined"), naive_loop("per_task"), naive_loop("combined")
+    for loop in (combined, per_task):
+        torch.manual_seed(1)  # the same dropout masks
+        loop.step()
+    torch.manual_seed(1)
+    batches = {t: by_hand.tokenize(t, next(by_hand.orders[t])) for t in by_hand.train_tasks}
+    sum(by_hand.objectives[t].loss(by_hand.model(t, b), b.labels, by_hand.tasks[t])
+        for t, b in batches.items()).backward()
+    by_hand.optimizer.step()
+
+    name, encoder = next(iter(combined.model.named_parameters()))
+    assert name.startswith("encoder.")
+    steps = lambda loop: loop.optimizer.state[dict(loop.model.named_parameters())[name]]["step"]
+    assert steps(combined) == 1 and steps(per_task) == 3
+    for (n, a), b in zip(combined.model.named_parameters(), by_hand.model.parameters()):
+        torch.testing.assert_close(a, b, msg=n)
+    assert not torch.equal(encoder, dict(per_task.model.named_parameters())[name])
