@@ -102,7 +102,8 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
 
 class NaiveLoop:
     """The starter's loop: strings tokenized per batch, fp32, a backward per task, and one
-    AdamW step per step ("combined") or per task ("per_task": three updates per step)."""
+    AdamW step per step ("combined") or per task ("per_task": three updates per step).
+    AdamW has mtbert's rates and settings, so only the implementation differs."""
 
     precision = "fp32"
     updates = ("combined", "per_task")
@@ -112,7 +113,9 @@ class NaiveLoop:
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
         self.model.to(device).train()
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.lr, self.tasks))
+        # mtbert's AdamW settings, in torch's default (foreach) implementation
+        self.optimizer = instantiate(cfg.optim.optimizer, fused=False)(param_groups(self.model, cfg.optim.lr,
+                                                                                    self.tasks))
         self.train_tasks, self.device, self.max_length = train_tasks, device, cfg.data.max_length
         root = Path(cfg.data.root).expanduser()
         self.splits = {t: read_split(self.tasks[t], root / self.tasks[t].files["train"], RejectedRows(),

@@ -85,6 +85,8 @@ def test_naive_combined_update_is_one_adamw_step_on_the_summed_loss(naive_loop):
     assert name.startswith("encoder.")
     steps = lambda loop: loop.optimizer.state[dict(loop.model.named_parameters())[name]]["step"]
     assert steps(combined) == 1 and steps(per_task) == 3
+    group = combined.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.0 and not group["fused"]  # conf/optim/adam.yaml's, unfused
     for (n, a), b in zip(combined.model.named_parameters(), by_hand.model.parameters()):
         torch.testing.assert_close(a, b, msg=n)
     assert not torch.equal(encoder, dict(per_task.model.named_parameters())[name])
