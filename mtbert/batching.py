@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from mtbert.data import Split
+from mtbert.rundir import atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,8 @@ def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
     }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save(stored, tmp)
-        os.replace(tmp, path)
+        with atomic(path) as tmp:
+            torch.save(stored, tmp)
     return Encoded(**stored, pairs=siamese)
 
 
@@ -156,7 +156,9 @@ class TaskStream:
 
     One pass over the data is `len(self)` batches. With `bucket_batches > 1`, each shuffled
     pool of that many batches is sorted by length before it is cut into batches, and the
-    batches are shuffled again: far less padding, order still random.
+    batches are shuffled again: far less padding, order still random. Split across
+    `world` ranks, a last batch too small to give every rank an example joins the one
+    before it.
     """
 
     def __init__(self, enc: Encoded, batch_size: int, generator: torch.Generator,
@@ -172,7 +174,8 @@ class TaskStream:
         self.passes = 0
 
     def __len__(self) -> int:
-        return -(-len(self.enc) // self.batch_size)
+        full, rest = divmod(len(self.enc), self.batch_size)
+        return full + (rest >= self.world or full == 0)
 
     def restart(self):
         """Start a fresh shuffled pass (the sampler does this at each epoch)."""
@@ -183,6 +186,8 @@ class TaskStream:
             order = torch.cat([chunk[lengths[chunk].argsort(stable=True)]
                                for chunk in order.split(pool)])
         batches = list(order.split(self.batch_size))
+        if len(batches) > 1 and len(batches[-1]) < self.world:
+            batches[-2:] = [torch.cat(batches[-2:])]
         if self.bucket_batches > 1:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=self.generator)]
         self._batches, self._position = batches, 0

@@ -53,7 +53,7 @@ from mtbert.batching import Batch
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.evaluate import evaluate
-from mtbert.rundir import RunDir
+from mtbert.rundir import RunDir, read_events
 from mtbert.trainer import Trainer, build_network, param_groups, row_limit
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -281,8 +281,7 @@ def run(args) -> dict:
         variants["naive"] = Timing(NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update))
         variants["mtbert adam"] = Timing(adam)
         variants["bare"] = Timing(BareStep(config("optim=adam"), device, precision, streams))
-        if (CONF / "optim" / "pcgrad.yaml").is_file():
-            variants["mtbert pcgrad"] = Timing(MtbertStep(config("optim=pcgrad"), Path(tmp) / "pcgrad"))
+        variants["mtbert pcgrad"] = Timing(MtbertStep(config("optim=pcgrad"), Path(tmp) / "pcgrad"))
         other = "fp32" if precision == "bf16" else "bf16"
         if args.compare_precision:
             variants[f"mtbert adam {other}"] = Timing(
@@ -316,7 +315,8 @@ def run(args) -> dict:
         if args.eval:
             result["eval"] = run_eval(adam, device, layer_n, peaks[precision])
         if args.train_steps:
-            variants.clear()  # free the timed variants' models first
+            variants.clear()  # free the timed models first
+            del adam, streams
             result["short_run"] = short_run(config, args.train_steps, device, Path(tmp) / "short",
                                             args.naive_update)
         info["load_average_end"] = os.getloadavg()[0]
@@ -354,7 +354,7 @@ def run_eval(adam: MtbertStep, device, layer_n: int, peak: float) -> dict:
     dev = {n: (s.tasks[n], s.dev[n]) for n in s.tasks}
     sync(device)
     start = time.perf_counter()
-    metrics = evaluate(s.model, dev, s.objectives, device, s.precision)
+    evaluate(s.model, dev, s.objectives, device, s.precision)
     sync(device)
     seconds = time.perf_counter() - start
     tokens = sum(int(enc.offsets[-1]) for _, enc in dev.values())
@@ -374,8 +374,7 @@ def short_run(config, steps: int, device: torch.device, run_dir: Path, naive_upd
     print(f"short run: mtbert, {steps} steps", file=sys.stderr, flush=True)
     start = time.perf_counter()
     fit = trainer.fit()
-    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    mtbert_seconds = time.perf_counter() - start - sum(e["eval_seconds"] for e in events if e["event"] == "eval")
+    mtbert_seconds = time.perf_counter() - start - sum(e["eval_seconds"] for e in read_events(run_dir, "eval"))
     out = {"steps": steps, "mtbert": {"steps": steps, "train_seconds": mtbert_seconds,
                                       "sentences_per_s": trainer.sentences / mtbert_seconds, "dev": fit["dev"]}}
 

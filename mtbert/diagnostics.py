@@ -7,20 +7,16 @@ the projections made; `plot_grad_conflict` draws them over training.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from matplotlib.figure import Figure
 
-
-def grad_events(metrics: Path) -> list[dict]:
-    with open(metrics) as f:
-        return [e for e in map(json.loads, f) if e["event"] == "grad"]
+from mtbert.rundir import read_events
 
 
 def plot_grad_conflict(run_dir: Path, name: str = "grad_conflict.png") -> Path | None:
     """Draw the run's `grad` events into `run_dir/name`; None when there are none."""
-    events = grad_events(Path(run_dir) / "metrics.jsonl")
+    events = read_events(run_dir, "grad")
     if not events:
         return None
     projections = [(e["step"], e["projections"]) for e in events

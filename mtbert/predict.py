@@ -15,7 +15,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
 from mtbert.batching import encode
@@ -85,5 +84,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

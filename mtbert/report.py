@@ -21,10 +21,13 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-METRICS = [("sst_acc", "SST acc"), ("para_acc", "Quora acc"), ("sts_pearson", "STS r"),
-           ("mean", "mean")]
+from mtbert.evaluate import PAPER_METRICS
+from mtbert.rundir import read_events
+
+LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "mean": "mean"}
 
 # Table 1 of the paper: SST acc, Quora acc, STS Pearson, average of the three.
+PAPER_KEYS = (*PAPER_METRICS, "mean")
 PAPER = {
     "milestone_baseline": (0.316, 0.369, -0.009, 0.225),
     "random_sequential": (0.304, 0.670, 0.212, 0.395),
@@ -78,13 +81,25 @@ def read_job(path: Path) -> Job:
     return Job(path, experiment, overrides, results.get("seed", cfg.seed), results["status"], results)
 
 
+def metric_keys(jobs: list[Job]) -> list[str]:
+    """The tasks' metrics the jobs report (the paper's three first, any added task after),
+    then the paper's mean."""
+    found = {k: None for j in jobs for k in j.dev if k not in ("mean", "overall")}
+    keys = [k for k in PAPER_METRICS if k in found] + [k for k in found if k not in PAPER_METRICS]
+    return (keys or list(PAPER_METRICS)) + ["mean"]
+
+
+def label(key: str) -> str:
+    return LABELS.get(key, key)
+
+
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
-def summarize(jobs: list[Job]) -> list[dict]:
+def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
     """One row per experiment, in Table 1 order, then the others alphabetically."""
     seeds = sorted({j.seed for j in jobs})
     by_row = defaultdict(list)
@@ -102,12 +117,11 @@ def summarize(jobs: list[Job]) -> list[dict]:
                  for j in group if j.status != "completed"]
         notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
         row["notes"] = "; ".join(notes)
-        for key, _ in METRICS:
+        paper = dict(zip(PAPER_KEYS, PAPER.get(group[0].experiment, ())))
+        for key in keys:
             values = [j.dev[key] for j in done if j.dev.get(key) is not None]
             row[key], row[f"{key}_std"] = mean_std(values)
-        paper = PAPER.get(group[0].experiment)
-        for i, (key, _) in enumerate(METRICS):
-            row[f"{key}_paper"] = paper[i] if paper else None
+            row[f"{key}_paper"] = paper.get(key)
         row["steps"] = mean_std([j.results["steps"] for j in done])[0]
         seen = defaultdict(list)
         for j in done:
@@ -130,13 +144,13 @@ def fmt(value, std=None, digits=3) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def markdown(rows: list[dict]) -> str:
-    head = ["row", *[f"{label} (paper)" for _, label in METRICS], "runs", "steps",
+def markdown(rows: list[dict], keys: list[str]) -> str:
+    head = ["row", *[f"{label(k)} (paper)" for k in keys], "runs", "steps",
             "examples seen", "minutes", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["row"]]
-        cells += [f"{fmt(r[k], r[k + '_std'])} ({fmt(r[k + '_paper'])})" for k, _ in METRICS]
+        cells += [f"{fmt(r[k], r[k + '_std'])} ({fmt(r[k + '_paper'])})" for k in keys]
         cells += [f"{r['completed']}/{r['jobs']}", fmt(r["steps"], digits=0),
                   ", ".join(f"{t} {n:,.0f}" for t, n in r["examples_seen"].items()) or "-",
                   fmt(r["minutes"], digits=1), r["notes"] or ""]
@@ -144,67 +158,64 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_csv(rows: list[dict], path: Path):
-    keys = ["row", "completed", "jobs"]
-    for k, _ in METRICS:
-        keys += [k, f"{k}_std", f"{k}_paper"]
-    keys += ["steps", "examples_seen", "minutes", "notes"]
+def write_csv(rows: list[dict], keys: list[str], path: Path):
+    columns = ["row", "completed", "jobs"]
+    for k in keys:
+        columns += [k, f"{k}_std", f"{k}_paper"]
+    columns += ["steps", "examples_seen", "minutes", "notes"]
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{k: r[k] for k in keys}, "examples_seen": json.dumps(r["examples_seen"])})
+            writer.writerow({**{k: r[k] for k in columns}, "examples_seen": json.dumps(r["examples_seen"])})
 
 
-def plot_bars(rows: list[dict], path: Path):
+def plot_bars(rows: list[dict], keys: list[str], path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4.5), sharey=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.5), sharey=False)
     x = range(len(rows))
-    for ax, (key, label) in zip(axes, METRICS):
+    for ax, key in zip(axes, keys):
         values = [r[key] if r[key] is not None else math.nan for r in rows]
         errors = [r[f"{key}_std"] or 0 for r in rows]
         ax.bar(x, values, yerr=errors, capsize=4, color="tab:blue", label="mtbert")
         paper = [r[f"{key}_paper"] if r[f"{key}_paper"] is not None else math.nan for r in rows]
         ax.scatter(x, paper, color="tab:red", marker="_", s=400, zorder=3, label="paper")
         ax.set_xticks(list(x), [r["row"] for r in rows], rotation=40, ha="right", fontsize=8)
-        ax.set_title(label)
+        ax.set_title(label(key))
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def plot_curves(jobs: list[Job], path: Path):
-    """Dev metric per task against that task's examples seen, one line per row (seed mean)."""
+def plot_curves(jobs: list[Job], keys: list[str], path: Path):
+    """Dev metric per task against that task's examples seen, one line per row (seed
+    mean); a task a row does not train has no curve there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [k for k, _ in METRICS[:3]]
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4))
+    keys = keys[:-1]  # the tasks' own metrics, not the mean
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    axes = axes[0]
     curves = defaultdict(lambda: defaultdict(list))  # (row, key) -> examples -> values
     for job in jobs:
-        metrics = job.path / "metrics.jsonl"
-        if not metrics.is_file():
-            continue
-        for line in metrics.read_text().splitlines():
-            event = json.loads(line)
-            if event["event"] != "eval":
-                continue
+        for event in read_events(job.path, "eval"):
             seen, dev = event.get("examples_seen", {}), event.get("dev") or {}
             for key in keys:
-                if dev.get(key) is not None:
-                    curves[(job.row, key)][seen.get(key.split("_")[0], 0)].append(dev[key])
+                task = key.rsplit("_", 1)[0]
+                if dev.get(key) is not None and task in seen:
+                    curves[(job.row, key)][seen[task]].append(dev[key])
     for ax, key in zip(axes, keys):
         for (row, k), points in sorted(curves.items()):
             if k == key:
                 xs = sorted(points)
                 ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", label=row)
-        ax.set_xlabel(f"{key.split('_')[0]} examples seen")
-        ax.set_title(dict(METRICS)[key])
+        ax.set_xlabel(f"{key.rsplit('_', 1)[0]} examples seen")
+        ax.set_title(label(key))
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -213,16 +224,17 @@ def plot_curves(jobs: list[Job], path: Path):
 
 def report(folders: list[Path], out: Path | None = None) -> str:
     jobs = find_jobs(folders)
-    rows = summarize(jobs)
+    keys = metric_keys(jobs)
+    rows = summarize(jobs, keys)
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows)
+    table = markdown(rows, keys)
     (out / "table.md").write_text(
         "Dev scores: mean ± standard deviation over completed seeds (the paper's number in "
         "brackets).\n\n" + table + "\n")
-    write_csv(rows, out / "table.csv")
-    plot_bars(rows, out / "bars.png")
-    plot_curves(jobs, out / "curves.png")
+    write_csv(rows, keys, out / "table.csv")
+    plot_bars(rows, keys, out / "bars.png")
+    plot_curves(jobs, keys, out / "curves.png")
     return table
 
 

@@ -4,6 +4,7 @@ interrupted), so a sweep never loses track of a job."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,22 +47,24 @@ def main(cfg: DictConfig) -> dict:
     experiment = hydra.runtime.choices.get("experiment")
     if cfg.resume:
         cfg, experiment = resumed_config(cfg, hydra)
-    distributed.adopt_submitit_tasks()
-    rank, _ = distributed.setup(resolve_device(cfg.trainer.device))
     output_dir = hydra.runtime.output_dir
-    if distributed.broadcast_object(output_dir) != output_dir:
-        raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
-                         "with torchrun pass hydra.run.dir=... so that all ranks share one")
-    if rank == 0:
-        logger = instantiate(cfg.logger)
-        run = RunDir(output_dir, sinks=[logger])
-    else:
-        logger, run = NoLogger(), ReadOnlyRunDir(output_dir)
     results = {"status": "failed", "experiment": experiment,
                "seed": cfg.seed, "dev": None, "best_epoch": None, "steps": 0,
                "examples_seen": {}, "train_seconds": 0.0, "error": None}
+    logger, run = NoLogger(), None
     start = time.perf_counter()
     try:
+        distributed.adopt_submitit_tasks()
+        rank, _ = distributed.setup(resolve_device(cfg.trainer.device))
+        if distributed.broadcast_object(output_dir) != output_dir:
+            raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
+                             "with torchrun pass hydra.run.dir=... so that all ranks share one")
+        if rank == 0:
+            run = RunDir(output_dir)
+            logger = instantiate(cfg.logger)
+            run.sinks.append(logger)
+        else:
+            run = ReadOnlyRunDir(output_dir)
         logger.start(cfg, run.path)
         results.update(train(cfg, run), status="completed")
     except Interrupted as e:
@@ -77,14 +80,17 @@ def main(cfg: DictConfig) -> dict:
         results["error"] = f"{type(e).__name__}: {e}"
         if hydra.mode != RunMode.MULTIRUN:
             raise
-        log.exception("job failed; the sweep goes on (see %s/results.json)", run.path)
+        log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir)
     finally:
-        if not results["train_seconds"]:
-            results["train_seconds"] = time.perf_counter() - start
-        run.write_results(results)
-        logger.finish(results)
-        run.close()
-    if rank == 0:
+        if run is None and os.environ.get("RANK", "0") == "0":  # failed before the run began
+            run = RunDir(output_dir)
+        if run is not None:
+            if not results["train_seconds"]:
+                results["train_seconds"] = time.perf_counter() - start
+            run.write_results(results)
+            logger.finish(results)
+            run.close()
+    if distributed.rank() == 0:
         print(format_table(results["dev"]))
-        print(f"run directory: {Path(run.path).resolve()}")
+        print(f"run directory: {Path(output_dir).resolve()}")
     return results

@@ -3,6 +3,7 @@ the end (also on failure), checkpoints/ loadable without running pickled code.""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -28,14 +29,36 @@ def _finite(value):
     return value
 
 
+@contextlib.contextmanager
+def atomic(path: Path):
+    """A temporary path beside `path` to write to; once written and on disk it replaces
+    `path` in one step, so a crash mid-write never leaves a half-written file (the
+    process id keeps concurrent writers of a shared cache apart)."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data):
-    """Write atomically: a crash mid-write never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(_finite(data), f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(_finite(data), indent=2))
+
+
+def read_events(run_dir: Path, kind: str) -> list[dict]:
+    """The run's `kind` events from metrics.jsonl (none if it has no such file)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [e for e in map(json.loads, f) if e["event"] == kind]
 
 
 class RunDir:
@@ -63,10 +86,9 @@ class RunDir:
 
     def save_model(self, model: torch.nn.Module, name: str = "best", meta: dict | None = None):
         self.checkpoints.mkdir(exist_ok=True)
-        tmp = self.checkpoints / f"{name}.safetensors.tmp"
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, self.checkpoints / f"{name}.safetensors")
+        with atomic(self.checkpoints / f"{name}.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
 
     def save_checkpoint(self, state: dict, name: str = "last"):
         save_checkpoint(state, self.checkpoints / f"{name}.pt")
@@ -117,16 +139,12 @@ def save_checkpoint(state: dict, path: Path):
     torch.save(state, buffer)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     if path.exists():
         os.replace(path, _previous(path))
         if _digest_file(path).exists():
             os.replace(_digest_file(path), _digest_file(_previous(path)))
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        tmp.write_bytes(data)
     _digest_file(path).write_text(hashlib.sha256(data).hexdigest())
 
 

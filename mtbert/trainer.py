@@ -13,6 +13,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -136,6 +137,9 @@ class Setup:
                                                    ("dev", dev, list(self.tasks))):
                 for name in names:
                     task = self.tasks[name]
+                    if split not in task.files:
+                        raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "
+                                          "train (when trained) and dev files, test is optional")
                     rows = read_split(task, root / task.files[split], rejected, labelled=True,
                                       limit=row_limit(cfg.limit[split], name))
                     labelled_splits[name] = encode(rows, self.tokenizer, cfg.max_length,
@@ -204,7 +208,10 @@ class Trainer:
             raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
         if self.tcfg.on_nonfinite not in ("error", "skip"):
             raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {self.tcfg.on_nonfinite!r}")
-        self.eval_every = max(1, math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch))
+        for key in ("evals_per_epoch", "eval_every_steps"):
+            if self.tcfg[key] is not None and self.tcfg[key] < 1:
+                raise ConfigError(f"trainer.{key} must be at least 1, got {self.tcfg[key]}")
+        self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
         self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
         self.heads = list(s.model.heads.parameters())
@@ -246,10 +253,13 @@ class Trainer:
             self.nonfinite.note(self.step, {t: loss.detach() for t, loss in losses.items()})
         else:
             finite = torch.stack([loss.detach() for loss in losses.values()]).isfinite()
-            if not bool(finite.all()):
-                bad = [t for t, ok in zip(losses, finite.tolist()) if not ok]
+            if distributed.any_(not bool(finite.all())):  # all ranks skip, or none
+                bad = [t for t, ok in zip(losses, finite.tolist()) if not ok] or "another rank's batch"
                 log.warning("step %d: non-finite loss for %s, batch skipped", self.step, bad)
                 self.skipped += 1
+                with warnings.catch_warnings():  # torch warns if no optimizer step came yet: none is meant
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+                    self.scheduler.step()  # the step is spent: the LR schedule keeps to the step count
                 return {}
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
         diagnostics = s.gradient.backward(losses, [p for p in self.shared if p.requires_grad],
@@ -307,7 +317,7 @@ class Trainer:
                     if now - last_log >= tcfg.log_every_seconds or done:
                         self.log_progress(loss_sums, loss_counts, (now - start) / (self.step - first_step), elapsed)
                         last_log = now
-                    if self.step % self.eval_every == 0 or done:
+                    if self.eval_due() or done:
                         self.evaluate()
                     stopping = distributed.any_(self.signal is not None)
                     if stopping or now - last_save >= tcfg.checkpoint_every_seconds:
@@ -337,6 +347,14 @@ class Trainer:
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "train_seconds": self.elapsed}
 
+    def eval_due(self) -> bool:
+        """Every `trainer.eval_every_steps` steps when set (the same points for every
+        sampler), else `evals_per_epoch` times in each epoch, the last at its end."""
+        if self.tcfg.eval_every_steps:
+            return self.step % self.tcfg.eval_every_steps == 0
+        in_epoch = self.step - self.epoch_start
+        return in_epoch % self.eval_every == 0 or in_epoch == self.steps_per_epoch
+
     def log_progress(self, loss_sums, loss_counts, step_seconds: float, elapsed: float):
         """One progress line and one `train` event; the only host sync of the loop."""
         self.nonfinite.check()
@@ -349,7 +367,7 @@ class Trainer:
                        step_seconds=step_seconds)
         eta = step_seconds * (self.total_steps - self.step)
         log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
-                 self.epoch, self.tcfg.epochs, self.step, self.total_steps,
+                 self.epoch, math.ceil(self.total_steps / self.steps_per_epoch), self.step, self.total_steps,
                  " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
                  duration(elapsed), duration(eta))
         for t in loss_sums:
@@ -367,8 +385,9 @@ class Trainer:
                        eval_seconds=time.perf_counter() - t0)
         log.info("eval at step %d (epoch %d): %s", self.step, self.epoch, format_metrics(metrics))
         s.sampler.observe({t: metrics[s.tasks[t].metric_key] for t in s.train_tasks})
-        known = [v for k, v in metrics.items() if k not in ("mean", "overall") and v is not None]
-        score = sum(known) / len(known) if known else -math.inf
+        # the tasks' mean; an undefined Pearson r (constant predictions) counts as 0, not as absent
+        scores = [v or 0.0 for k, v in metrics.items() if k not in ("mean", "overall")]
+        score = sum(scores) / len(scores)
         if score > self.best["score"]:
             self.best = {"score": score, "metrics": metrics, "epoch": self.epoch, "step": self.step}
             self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, "dev": metrics})

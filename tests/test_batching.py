@@ -67,6 +67,22 @@ def test_stream_passes_cover_every_example_once(data_dir):
         assert stream.passes == 2
 
 
+def test_stream_gives_every_rank_examples_when_the_last_batch_is_short(data_dir):
+    """60 rows in batches of 8 leave 4 over: with 8 ranks they join the batch before."""
+    enc = encode(load(SST, data_dir / "ids-sst-train.csv"), TOKENIZER, 64)
+    for bucket in (1, 3):
+        parts = []
+        for rank in range(8):
+            stream = TaskStream(enc, 8, torch.Generator().manual_seed(0), bucket_batches=bucket,
+                                rank=rank, world=8)
+            assert len(stream) == 7
+            parts += [stream.next() for _ in range(len(stream))]
+            assert stream.passes == 1
+        assert all(len(b.index) >= 1 and b.global_size in (8, 12) for b in parts)
+        assert sorted(torch.cat([b.index for b in parts]).tolist()) == list(range(60))
+    assert len(TaskStream(enc, 8, torch.Generator(), world=4)) == 8  # 4 over: a batch of their own
+
+
 def test_stream_is_seeded():
     enc = encode(load(SST, _data()), TOKENIZER, 64)
     orders = []

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from mtbert.data import DataError
 from mtbert.rundir import RunDir
-from mtbert.trainer import ConfigError, Setup, build_objectives, declared_tasks
+from mtbert.trainer import ConfigError, Setup, Trainer, build_objectives, declared_tasks
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -68,11 +68,14 @@ def test_data_root_from_environment(monkeypatch):
     ("model.pooling=max", Exception, "model.pooling must be one of"),
     ("loss.objectives.sts._target_=mtbert.losses.CrossEntropy", ConfigError,
      "loss.objectives.sts: CrossEntropy needs a classification task"),
+    ("~data.tasks.sts.files.dev", ConfigError, "data.tasks.sts.files has no dev file"),
+    ("trainer.evals_per_epoch=0", ConfigError, "trainer.evals_per_epoch must be at least 1"),
+    ("trainer.eval_every_steps=-2", ConfigError, "trainer.eval_every_steps must be at least 1"),
 ])
 def test_bad_values_name_their_key(override, error, message, data_dir, tmp_path):
     cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", override)
     with pytest.raises(error, match=message):
-        Setup(cfg, RunDir(tmp_path / "run"))
+        Trainer(cfg, RunDir(tmp_path / "run"))
 
 
 def test_missing_data_directory_says_how_to_get_it(tmp_path):

@@ -65,6 +65,14 @@ def test_rows_named_by_what_tells_them_apart(tmp_path):
     assert (tmp_path / "s" / "table.md").is_file()
 
 
+def test_an_added_task_gets_its_own_column(tmp_path):
+    fake_job(tmp_path / "s" / "0", "rr_over", 0, dev={**dev(0.4, 0.7, 0.8), "nli_mnli_acc": 0.61})
+    header, _, row = report([tmp_path / "s"]).splitlines()
+    assert header.startswith("| row | SST acc (paper) | Quora acc (paper) | STS r (paper) | nli_mnli_acc (paper) |")
+    assert "| 0.610 (-) | 0.633 (0.465) |" in row
+    assert next(csv.DictReader(open(tmp_path / "s" / "table.csv")))["nli_mnli_acc"] == "0.61"
+
+
 def test_report_of_nothing_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no jobs"):
         report([tmp_path])

@@ -119,5 +119,16 @@ def test_non_finite_loss_skip_leaves_parameters_alone(tmp_path, data_dir):
     before = {k: v.clone() for k, v in t.setup.model.encoder.state_dict().items()}
     results = t.fit()
     assert results["skipped_steps"] == results["steps"] == 5
+    assert t.scheduler.last_epoch == 5, "skipped steps count in the LR schedule"
     after = t.setup.model.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_best_evaluation_counts_an_undefined_pearson_as_zero(tmp_path, data_dir, monkeypatch):
+    """A constant STS head must not win by leaving STS out of the average."""
+    t = trainer(tmp_path, data_dir, "trainer.epochs=2")
+    dev = iter([{"sst_acc": 0.5, "para_acc": 0.6, "sts_pearson": None, "mean": None, "overall": None},
+                {"sst_acc": 0.45, "para_acc": 0.55, "sts_pearson": 0.5, "mean": 0.5, "overall": 0.583}])
+    monkeypatch.setattr("mtbert.trainer.evaluate", lambda *args: next(dev))
+    results = t.fit()
+    assert results["best_epoch"] == 2 and results["dev"]["sts_pearson"] == 0.5

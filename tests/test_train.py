@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import read_results, run_train
 
@@ -39,6 +40,17 @@ def test_train_each_sampler(sampler, steps_per_epoch, tmp_path, data_dir):
     assert "sst_acc" in proc.stdout and "run directory:" in proc.stdout
 
 
+def test_evaluations_keep_to_epochs(tmp_path, data_dir):
+    """Twice in each 5-step epoch: at steps 3 and 5, then 8 and 10, never across an epoch end."""
+    run_dir = tmp_path / "run"
+    run_train(*SMOKE, "sampler=rr_over", "trainer.evals_per_epoch=2", f"hydra.run.dir={run_dir}",
+              cwd=tmp_path, data=data_dir)
+    assert [(e["epoch"], e["step"]) for e in events(run_dir, "eval")] == [(1, 3), (1, 5), (2, 8), (2, 10)]
+    run_train(*SMOKE, "sampler=rr_over", "trainer.eval_every_steps=4", f"hydra.run.dir={tmp_path / 'every'}",
+              cwd=tmp_path, data=data_dir)
+    assert [e["step"] for e in events(tmp_path / "every", "eval")] == [4, 8, 10]
+
+
 def test_milestone_baseline_trains_sst_only_and_evaluates_all(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     run_train(*SMOKE, "experiment=milestone_baseline", f"hydra.run.dir={run_dir}",
@@ -67,6 +79,16 @@ def test_bad_rows_skip_then_error(tmp_path, data_dir):
     assert "sts-train.csv, line 62: label '7.5' is outside 0.0..5.0" in proc.stderr
     results = read_results(run_dir)
     assert results["status"] == "failed" and "line 62" in results["error"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_job_that_cannot_start_still_reports_and_the_sweep_goes_on(tmp_path, data_dir):
+    sweep = tmp_path / "sweep"
+    run_train("-m", *SMOKE, "seed=0,1", "trainer.device=cuda", f"hydra.sweep.dir={sweep}",
+              cwd=tmp_path, data=data_dir)
+    jobs = [json.loads(f.read_text()) for f in sorted(sweep.glob("*/results.json"))]
+    assert [j["seed"] for j in jobs] == [0, 1]
+    assert all(j["status"] == "failed" and "use trainer.device=cpu" in j["error"] for j in jobs)
 
 
 def test_same_seed_same_run(tmp_path, data_dir):
