@@ -14,9 +14,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtbert.evaluate import format_table
 from mtbert import distributed
 from mtbert.device import resolve_device
+from mtbert.evaluate import format_table
 from mtbert.logger import NoLogger
 from mtbert.rundir import ReadOnlyRunDir, RunDir
 from mtbert.trainer import Interrupted, train

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mtbert import distributed
 from mtbert.batching import Batch, TaskStream, encode
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
@@ -28,7 +29,6 @@ from mtbert.diagnostics import plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
-from mtbert import distributed
 from mtbert.rundir import RunDir, load_checkpoint
 
 log = logging.getLogger(__name__)
