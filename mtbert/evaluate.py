@@ -39,8 +39,9 @@ def predict(model, task: Task, objective: Objective, enc: Encoded, device, preci
 def score(task: Task, predictions: torch.Tensor, labels: torch.Tensor) -> float | None:
     if task.metric == "acc":
         return (predictions == labels).float().mean().item()
-    if predictions.std() == 0:
-        log.warning("%s: constant predictions, Pearson r is undefined (recorded as null)", task.name)
+    if len(predictions) < 2 or predictions.std() == 0:
+        why = "fewer than 2 examples" if len(predictions) < 2 else "constant predictions"
+        log.warning("%s: %s, Pearson r is undefined (recorded as null)", task.name, why)
         return None
     return float(pearsonr(predictions.numpy(), labels.numpy()).statistic)
 

@@ -1,8 +1,10 @@
 import csv
 
 import pytest
+import torch
 
 from mtbert.data import DataError, RejectedRows, Task, read_split
+from mtbert.evaluate import score
 
 SST = Task("sst", {"train": "ids-sst-train.csv"}, ["sentence"], "sentiment", classes=5)
 QUORA = Task("para", {}, ["sentence1", "sentence2"], "is_duplicate", classes=2)
@@ -99,3 +101,10 @@ def test_task_declaration_checked():
     with pytest.raises(ValueError, match="exactly one of"):
         Task("x", {}, ["a"], "y")
     assert STS.metric_key == "sts_pearson" and SST.metric_key == "sst_acc" and STS.is_pair
+
+
+def test_pearson_is_null_where_undefined():
+    labels = torch.tensor([1.0, 2.0, 3.0])
+    assert score(STS, torch.tensor([1.0, 2.0, 4.0]), labels) == pytest.approx(0.9820, abs=1e-4)
+    assert score(STS, torch.tensor([0.5, 0.5, 0.5]), labels) is None  # constant predictions
+    assert score(STS, torch.tensor([0.5]), labels[:1]) is None  # data.limit.dev=1
