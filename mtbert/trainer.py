@@ -208,9 +208,10 @@ class Trainer:
             raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
         if self.tcfg.on_nonfinite not in ("error", "skip"):
             raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {self.tcfg.on_nonfinite!r}")
-        for key in ("evals_per_epoch", "eval_every_steps"):
-            if self.tcfg[key] is not None and self.tcfg[key] < 1:
-                raise ConfigError(f"trainer.{key} must be at least 1, got {self.tcfg[key]}")
+        self.eval_every_steps = self.tcfg.get("eval_every_steps")  # absent from older runs' configs
+        for key, value in (("evals_per_epoch", self.tcfg.evals_per_epoch), ("eval_every_steps", self.eval_every_steps)):
+            if value is not None and value < 1:
+                raise ConfigError(f"trainer.{key} must be at least 1, got {value}")
         self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
         self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
@@ -350,8 +351,8 @@ class Trainer:
     def eval_due(self) -> bool:
         """Every `trainer.eval_every_steps` steps when set (the same points for every
         sampler), else `evals_per_epoch` times in each epoch, the last at its end."""
-        if self.tcfg.eval_every_steps:
-            return self.step % self.tcfg.eval_every_steps == 0
+        if self.eval_every_steps:
+            return self.step % self.eval_every_steps == 0
         in_epoch = self.step - self.epoch_start
         return in_epoch % self.eval_every == 0 or in_epoch == self.steps_per_epoch
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
 
 from conftest import ROOT, read_results, run_train
 from mtbert.rundir import CheckpointError, RunDir, load_checkpoint, save_checkpoint
@@ -132,3 +133,15 @@ def test_best_evaluation_counts_an_undefined_pearson_as_zero(tmp_path, data_dir,
     monkeypatch.setattr("mtbert.trainer.evaluate", lambda *args: next(dev))
     results = t.fit()
     assert results["best_epoch"] == 2 and results["dev"]["sts_pearson"] == 0.5
+
+
+def test_a_config_from_before_eval_every_steps_still_trains(tmp_path, data_dir):
+    """Runs saved by an older mtbert resume with their own config, which lacks the key."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["model=tiny", "budget=smoke", "logger=none", "trainer.epochs=1",
+                                          f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c"])
+    with open_dict(cfg):
+        del cfg.trainer.eval_every_steps
+    t = Trainer(cfg, RunDir(tmp_path / "run"))
+    assert t.eval_every_steps is None
+    assert t.fit()["steps"] == 5
