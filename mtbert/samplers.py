@@ -58,38 +58,53 @@ class RandomSequential(TaskSampler):
                 yield (task,)
 
 
-class RoundRobinUnder(TaskSampler):
-    """Algorithm 2: one batch of every task per step, until the shortest loader is spent.
+class RoundRobin(TaskSampler):
+    """Rounds of one batch of every task. A round is one step on the tasks' summed loss
+    (the paper's eq. 1), or with `per_task` one step per task in turn (as MT-DNN trains):
+    the same examples, three times the updates."""
+
+    def __init__(self, per_task: bool = False, tasks: Sequence[str] | None = None):
+        super().__init__(tasks)
+        self.per_task = per_task
+
+    def rounds(self, sizes: dict[str, int]) -> int:
+        raise NotImplementedError
+
+    def steps_per_epoch(self, sizes):
+        return self.rounds(sizes) * (len(sizes) if self.per_task else 1)
+
+    def epoch(self, sizes, generator=None, step=0, total_steps=1):
+        for _ in range(self.rounds(sizes)):
+            if self.per_task:
+                yield from ((task,) for task in sizes)
+            else:
+                yield tuple(sizes)
+
+
+class RoundRobinUnder(RoundRobin):
+    """Algorithm 2: rounds until the shortest loader is spent.
 
     The pseudocode's `j <= len(shortest)` would over-run the shortest loader by one;
     we take the text's reading: stop when it is exhausted.
     """
 
-    def steps_per_epoch(self, sizes):
+    def rounds(self, sizes):
         return min(sizes.values())
 
-    def epoch(self, sizes, generator=None, step=0, total_steps=1):
-        for _ in range(self.steps_per_epoch(sizes)):
-            yield tuple(sizes)
 
+class RoundRobinOver(RoundRobin):
+    """Algorithm 3: `sigma` rounds per epoch; a task whose loader runs out is reshuffled
+    and drawn again. `sigma=None` takes the longest loader's length, so that every
+    example of the largest task is seen once per epoch."""
 
-class RoundRobinOver(TaskSampler):
-    """Algorithm 3: one batch of every task per step for `sigma` steps; a task whose
-    loader runs out is reshuffled and drawn again. `sigma=None` takes the longest loader's
-    length, so that every example of the largest task is seen once per epoch."""
-
-    def __init__(self, sigma: int | None = None, tasks: Sequence[str] | None = None):
-        super().__init__(tasks)
+    def __init__(self, sigma: int | None = None, per_task: bool = False, tasks: Sequence[str] | None = None):
+        super().__init__(per_task, tasks)
         if sigma is not None and (not isinstance(sigma, int) or sigma <= 0):
             raise ValueError(f"sampler.sigma must be a positive integer or null, got {sigma!r}")
         self.sigma = sigma
 
-    def steps_per_epoch(self, sizes):
+    def rounds(self, sizes):
         return self.sigma or max(sizes.values())
-
-    def epoch(self, sizes, generator=None, step=0, total_steps=1):
-        for _ in range(self.steps_per_epoch(sizes)):
-            yield tuple(sizes)
 
 
 class Drawn(TaskSampler):

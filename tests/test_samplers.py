@@ -36,6 +36,14 @@ def test_rr_over_is_algorithm_3(sigma, expected):
     assert batches == Counter({t: expected for t in SIZES})
 
 
+@pytest.mark.parametrize("sampler, rounds", [(RoundRobinUnder(per_task=True), 189),
+                                             (RoundRobinOver(per_task=True), 423)])
+def test_round_robin_per_task_steps_through_the_same_batches_one_task_at_a_time(sampler, rounds):
+    steps, batches = count(sampler)
+    assert batches == Counter({t: rounds for t in SIZES}), "the same examples as a round a step"
+    assert steps == [("sst",), ("para",), ("sts",)] * rounds
+
+
 def test_training_task_subset():
     sampler = RandomSequential(tasks=["sst"])
     assert sampler.tasks == ["sst"]
