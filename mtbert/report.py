@@ -1,11 +1,15 @@
-"""Turn sweeps into Table 1: mean and spread over seeds, the paper's numbers beside them.
+"""Turn sweeps into Table 1 and decide what it says: intervals over seeds, paired tests
+against a reference row, Δm over single-task baselines, and the paper's claims.
 
-    python -m mtbert.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR]
+    python -m mtbert.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--reference ROW]
+                            [--claims FILE] [--data-root DIR]
 
 Reads every job (a folder with `.hydra/config.yaml`) under the given folders, and writes
-`table.md`, `table.csv`, `bars.png` and `curves.png` to `--out` (default: the first
-sweep folder), printing the table. Failed jobs, jobs without results and seeds that
-ran for some rows but not others are shown as such, never dropped.
+`table.md` (the tables, the comparisons, Δm and the claims' verdicts), `table.csv` (one
+line per row, seeds included), `comparisons.csv`, `bars.png`, `seeds.png` and
+`curves.png` to `--out` (default: the first sweep folder), printing the tables. Failed
+jobs, jobs without results and seeds that ran for some rows but not others are shown as
+such, never dropped. The statistics are in `mtbert.stats`, the claims in `mtbert.claims`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
+from mtbert import claims as claims_module
+from mtbert import stats
 from mtbert.evaluate import PAPER_METRICS
 from mtbert.rundir import read_events
 
@@ -46,6 +53,7 @@ class Job:
     seed: int
     status: str  # completed | failed | interrupted | missing (no results.json)
     results: dict = field(default_factory=dict)
+    trained: list[str] | None = None  # `sampler.tasks` (None: every declared task)
     row: str = ""
 
     @property
@@ -74,11 +82,14 @@ def read_job(path: Path) -> Job:
     hydra = OmegaConf.load(path / ".hydra" / "hydra.yaml").hydra
     experiment = hydra.runtime.choices.get("experiment")
     overrides = [o for o in hydra.overrides.task if not o.startswith(("seed=", "experiment="))]
+    trained = OmegaConf.select(cfg, "sampler.tasks")
+    trained = list(trained) if trained is not None else None
     results_file = path / "results.json"
     if not results_file.is_file():
-        return Job(path, experiment, overrides, cfg.seed, "missing")
+        return Job(path, experiment, overrides, cfg.seed, "missing", trained=trained)
     results = json.loads(results_file.read_text())
-    return Job(path, experiment, overrides, results.get("seed", cfg.seed), results["status"], results)
+    return Job(path, experiment, overrides, results.get("seed", cfg.seed), results["status"], results,
+               trained)
 
 
 def metric_keys(jobs: list[Job]) -> list[str]:
@@ -93,44 +104,155 @@ def label(key: str) -> str:
     return LABELS.get(key, key)
 
 
-def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def single_task(group: list[Job]) -> str | None:
+    """The task a row trains alone (a single-task baseline), else None."""
+    trained = group[0].trained
+    return trained[0] if trained is not None and len(trained) == 1 else None
 
 
 def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
-    """One row per experiment, in Table 1 order, then the others alphabetically."""
+    """One row per experiment, in Table 1 order, then the others alphabetically. Each
+    metric gets its per-seed values (`<key>_seeds`), mean, 95% t-interval, sd, min, max."""
     seeds = sorted({j.seed for j in jobs})
     by_row = defaultdict(list)
     for job in jobs:
         by_row[job.row].append(job)
     paper_order = {name: i for i, name in enumerate(PAPER)}
-    order = sorted(by_row, key=lambda r: (paper_order.get(by_row[r][0].experiment, len(PAPER)), r))
+    order = sorted(by_row, key=lambda r: (single_task(by_row[r]) is not None,
+                                          paper_order.get(by_row[r][0].experiment, len(PAPER)), r))
     rows = []
     for name in order:
         group = by_row[name]
-        done = [j for j in group if j.status == "completed"]
-        row = {"row": name, "completed": len(done), "jobs": len(group)}
-        notes = [f"seed {j.seed} {j.status}" + (f": {one_line(j.results['error'])}"
-                                                if j.results.get("error") else "")
-                 for j in group if j.status != "completed"]
+        done = {}
+        notes = []
+        for j in group:
+            if j.status != "completed":
+                notes.append(f"seed {j.seed} {j.status}"
+                             + (f": {one_line(j.results['error'])}" if j.results.get("error") else ""))
+            elif j.seed in done:
+                notes.append(f"seed {j.seed} ran twice ({done[j.seed].path}, {j.path}): the first is used")
+            else:
+                done[j.seed] = j
         notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
-        row["notes"] = "; ".join(notes)
+        alone = single_task(group)
+        if alone:
+            notes.insert(0, f"single-task baseline: trains {alone} only")
+        row = {"row": name, "completed": len(done), "jobs": len(group), "single_task": alone,
+               "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())}}
         paper = dict(zip(PAPER_KEYS, PAPER.get(group[0].experiment, ())))
         for key in keys:
-            values = [j.dev[key] for j in done if j.dev.get(key) is not None]
-            row[key], row[f"{key}_std"] = mean_std(values)
-            row[f"{key}_paper"] = paper.get(key)
-        row["steps"] = mean_std([j.results["steps"] for j in done])[0]
+            values = {s: j.dev[key] for s, j in sorted(done.items()) if j.dev.get(key) is not None}
+            v = list(values.values())
+            ci = stats.interval(v)
+            row.update({key: statistics.fmean(v) if v else None, f"{key}_seeds": values,
+                        f"{key}_low": ci[0] if ci else None, f"{key}_high": ci[1] if ci else None,
+                        f"{key}_sd": statistics.stdev(v) if len(v) > 1 else None,
+                        f"{key}_min": min(v, default=None), f"{key}_max": max(v, default=None),
+                        f"{key}_paper": paper.get(key)})
+        row["steps"] = mean_or_none([j.results["steps"] for j in done.values()])
         seen = defaultdict(list)
-        for j in done:
+        for j in done.values():
             for task, n in j.results.get("examples_seen", {}).items():
                 seen[task].append(n)
         row["examples_seen"] = {t: statistics.fmean(v) for t, v in sorted(seen.items())}
-        row["minutes"] = mean_std([j.results["train_seconds"] / 60 for j in done])[0]
+        row["minutes"] = mean_or_none([j.results["train_seconds"] / 60 for j in done.values()])
         rows.append(row)
     return rows
+
+
+def mean_or_none(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def compare(rows: list[dict], keys: list[str], reference: str,
+            data_root: str | None = None) -> list[dict]:
+    """Every multitask row against the reference on every metric: paired over seeds, or
+    for two single runs a bootstrap over dev examples; Holm across the whole table."""
+    ref = next(r for r in rows if r["row"] == reference)
+    out = []
+    for row in rows:
+        if row is ref or row["single_task"]:
+            continue
+        boot = None
+        if len(row["runs"]) == 1 and len(ref["runs"]) == 1:
+            boot = bootstrap_runs(next(iter(row["runs"].values())), next(iter(ref["runs"].values())),
+                                  data_root)
+        for key in keys:
+            result = stats.paired(row[f"{key}_seeds"], ref[f"{key}_seeds"])
+            if isinstance(result, str) and isinstance(boot, dict) and key in boot:
+                result = boot[key]
+            elif isinstance(result, str) and isinstance(boot, str):
+                result += f"; {boot}"
+            out.append({"row": row["row"], "metric": key, "result": result})
+    tested = [c for c in out if isinstance(c["result"], stats.Comparison)]
+    for c, p in zip(tested, stats.holm([c["result"].p for c in tested])):
+        c["result"].p_holm = p
+    return out
+
+
+def bootstrap_runs(run_a: Path, run_b: Path, data_root: str | None) -> dict | str:
+    """The paired bootstrap over dev examples of two runs, from their prediction files
+    (`python -m mtbert.predict RUN --splits dev`); a reason when they have none."""
+    from mtbert.data import RejectedRows, read_split
+    from mtbert.trainer import declared_tasks
+
+    files = {}
+    for run in (run_a, run_b):
+        found = sorted((run / "predictions").glob("*-dev-output.csv"))
+        if not found:
+            return (f"no dev prediction files in {run}/predictions for a bootstrap over dev examples "
+                    f"(python -m mtbert.predict {run} --splits dev)")
+        files[run] = {f.name.removesuffix("-dev-output.csv"): f for f in found}
+    cfg = OmegaConf.load(run_a / ".hydra" / "config.yaml")
+    root = Path(data_root or cfg.data.root).expanduser()
+    gold, a, b, metric = {}, {}, {}, {}
+    for name, task in declared_tasks(cfg).items():
+        if name not in files[run_a] or name not in files[run_b]:
+            continue
+        rows = read_split(task, root / task.files["dev"], RejectedRows("skip"), labelled=True)
+        labels = dict(zip(rows.ids, rows.labels))
+        pa, pb = read_predictions(files[run_a][name]), read_predictions(files[run_b][name])
+        ids = [i for i in rows.ids if i in pa and i in pb]
+        gold[name] = np.array([labels[i] for i in ids])
+        a[name], b[name] = np.array([pa[i] for i in ids]), np.array([pb[i] for i in ids])
+        metric[name] = task.metric
+    return stats.bootstrap_examples(gold, a, b, metric)
+
+
+def read_predictions(path: Path) -> dict[str, float]:
+    """A CS224N prediction file (`id , prediction` lines after a header) as {id: value}."""
+    values = {}
+    with open(path) as f:
+        next(f)
+        for number, line in enumerate(f, 2):
+            row_id, _, value = line.partition(",")
+            try:
+                values[row_id.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: expected 'id , prediction', got {line!r}") from None
+    return values
+
+
+def delta_m_rows(rows: list[dict], keys: list[str]) -> tuple[dict[str, float], list[dict]]:
+    """Δm of every multitask row against the single-task rows (one per task, seed mean)."""
+    baselines = {}
+    for row in rows:
+        task = row["single_task"]
+        if task:
+            key = next((k for k in keys if k.rsplit("_", 1)[0] == task), None)
+            if key and row[key] is not None:
+                if key in baselines:
+                    raise ValueError(f"two single-task rows train {task}; give the report one of them")
+                baselines[key] = row[key]
+    if not baselines:
+        return {}, []
+    out = []
+    for row in rows:
+        if not row["single_task"]:
+            change = {k: (row[k] - b) / abs(b) * 100 if row[k] is not None and b else None
+                      for k, b in baselines.items()}
+            out.append({"row": row["row"], "delta_m": stats.delta_m(row, baselines), **change})
+    return baselines, out
 
 
 def one_line(text: str, width: int = 100) -> str:
@@ -138,19 +260,24 @@ def one_line(text: str, width: int = 100) -> str:
     return text if len(text) <= width else text[:width - 3] + "..."
 
 
-def fmt(value, std=None, digits=3) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+def fmt(value, digits=3, sign="") -> str:
+    return "-" if value is None else f"{value:{sign}.{digits}f}"
+
+
+def cell(row: dict, key: str) -> str:
+    """`mean [low, high] (paper)`; the interval only with 2 seeds or more."""
+    text = fmt(row[key])
+    if row[f"{key}_low"] is not None:
+        text += f" [{fmt(row[key + '_low'])}, {fmt(row[key + '_high'])}]"
+    return f"{text} ({fmt(row[key + '_paper'])})"
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
-    head = ["row", *[f"{label(k)} (paper)" for k in keys], "runs", "steps",
+    head = ["row", *[f"{label(k)} (paper)" for k in keys], "seeds", "steps",
             "examples seen", "minutes", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["row"]]
-        cells += [f"{fmt(r[k], r[k + '_std'])} ({fmt(r[k + '_paper'])})" for k in keys]
+        cells = [r["row"], *[cell(r, k) for k in keys]]
         cells += [f"{r['completed']}/{r['jobs']}", fmt(r["steps"], digits=0),
                   ", ".join(f"{t} {n:,.0f}" for t, n in r["examples_seen"].items()) or "-",
                   fmt(r["minutes"], digits=1), r["notes"] or ""]
@@ -158,19 +285,80 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
+def comparisons_markdown(comparisons: list[dict], reference: str) -> str:
+    tested = sum(isinstance(c["result"], stats.Comparison) for c in comparisons)
+    lines = [f"Δ = row − `{reference}`, paired by seed: mean difference with its 95% t-interval, "
+             f"paired t-test, Holm's correction across the {tested} tests of this table, the exact "
+             "sign-flip permutation test (its smallest p is 2/2^seeds), and the smallest Δ a paired "
+             "t-test on these seeds detects with 80% power at this spread.", "",
+             "| row | metric | seeds | Δ [95% CI] | p | p Holm | p sign-flip | detectable Δ | verdict |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in comparisons:
+        r = c["result"]
+        if isinstance(r, str):
+            lines.append(f"| {c['row']} | {label(c['metric'])} | - | - | - | - | - | - | {r} |")
+            continue
+        differs = r.p_holm is not None and r.p_holm < stats.ALPHA
+        verdict = ("differs" if differs else "no difference detected") + (
+            "" if r.seeds else " (bootstrap over dev examples: seed noise not included)")
+        lines.append(
+            f"| {c['row']} | {label(c['metric'])} | {','.join(map(str, r.seeds)) or 1} | "
+            f"{r.mean:+.4f} [{fmt(r.low, 4, '+')}, {fmt(r.high, 4, '+')}] | {fmt_p(r.p)} | "
+            f"{fmt_p(r.p_holm)} | {fmt_p(r.p_signflip)} | {fmt(r.detectable, 4)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def fmt_p(p) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def delta_m_markdown(baselines: dict[str, float], rows: list[dict]) -> str:
+    keys = list(baselines)
+    lines = ["Δm: the mean relative change (%) of each task's metric over its single-task baseline "
+             "(" + ", ".join(f"{label(k)} {v:.3f}" for k, v in baselines.items()) + "), seed means.",
+             "", "| row | Δm (%) | " + " | ".join(f"{label(k)} (%)" for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for r in rows:
+        lines.append(f"| {r['row']} | {fmt(r['delta_m'], 2, '+')} | "
+                     + " | ".join(fmt(r[k], 2, "+") for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def write_csv(rows: list[dict], keys: list[str], path: Path):
-    columns = ["row", "completed", "jobs"]
+    columns = ["row", "completed", "jobs", "single_task"]
     for k in keys:
-        columns += [k, f"{k}_std", f"{k}_paper"]
+        columns += [k, f"{k}_low", f"{k}_high", f"{k}_sd", f"{k}_min", f"{k}_max", f"{k}_paper",
+                    f"{k}_seeds"]
     columns += ["steps", "examples_seen", "minutes", "notes"]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for r in rows:
-            writer.writerow({**{k: r[k] for k in columns}, "examples_seen": json.dumps(r["examples_seen"])})
+            line = {k: r[k] for k in columns}
+            for k in columns:
+                if isinstance(line[k], dict):
+                    line[k] = json.dumps(line[k])
+            writer.writerow(line)
+
+
+def write_comparisons_csv(comparisons: list[dict], path: Path):
+    columns = ["row", "metric", "method", "seeds", "diffs", "mean", "low", "high", "p", "p_holm",
+               "p_signflip", "detectable", "note"]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for c in comparisons:
+            r = c["result"]
+            if isinstance(r, str):
+                writer.writerow({"row": c["row"], "metric": c["metric"], "note": r})
+            else:
+                writer.writerow({"row": c["row"], "metric": c["metric"], "method": r.method,
+                                 "seeds": json.dumps(r.seeds), "diffs": json.dumps(r.diffs),
+                                 **{k: getattr(r, k) for k in columns[5:-1]}})
 
 
 def plot_bars(rows: list[dict], keys: list[str], path: Path):
+    """Each metric per row: the seed mean with its 95% t-interval, the paper's value marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -179,8 +367,9 @@ def plot_bars(rows: list[dict], keys: list[str], path: Path):
     x = range(len(rows))
     for ax, key in zip(axes, keys):
         values = [r[key] if r[key] is not None else math.nan for r in rows]
-        errors = [r[f"{key}_std"] or 0 for r in rows]
-        ax.bar(x, values, yerr=errors, capsize=4, color="tab:blue", label="mtbert")
+        errors = [[max(0.0, v - r[f"{key}_low"]) if r[f"{key}_low"] is not None else 0 for v, r in zip(values, rows)],
+                  [max(0.0, r[f"{key}_high"] - v) if r[f"{key}_high"] is not None else 0 for v, r in zip(values, rows)]]
+        ax.bar(x, values, yerr=errors, capsize=4, color="tab:blue", label="mtbert (95% CI)")
         paper = [r[f"{key}_paper"] if r[f"{key}_paper"] is not None else math.nan for r in rows]
         ax.scatter(x, paper, color="tab:red", marker="_", s=400, zorder=3, label="paper")
         ax.set_xticks(list(x), [r["row"] for r in rows], rotation=40, ha="right", fontsize=8)
@@ -190,6 +379,32 @@ def plot_bars(rows: list[dict], keys: list[str], path: Path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def plot_seeds(rows: list[dict], keys: list[str], path: Path):
+    """Each seed's value per row and metric (a strip plot), colour by seed, so a reader sees
+    whether a gap between rows holds seed by seed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    seeds = sorted({s for r in rows for k in keys for s in r[f"{k}_seeds"]})
+    colours = {s: plt.get_cmap("tab10")(i % 10) for i, s in enumerate(seeds)}
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 4.5))
+    for ax, key in zip(axes, keys):
+        for x, r in enumerate(rows):
+            for i, (seed, value) in enumerate(r[f"{key}_seeds"].items()):
+                offset = (i - (len(r[f"{key}_seeds"]) - 1) / 2) * 0.08
+                ax.scatter(x + offset, value, color=colours[seed], s=18, zorder=3, label=f"seed {seed}")
+            if r[key] is not None:
+                ax.hlines(r[key], x - 0.25, x + 0.25, color="black", lw=1)
+        ax.set_xticks(range(len(rows)), [r["row"] for r in rows], rotation=40, ha="right", fontsize=8)
+        ax.set_title(label(key))
+    handles, names = axes[0].get_legend_handles_labels()
+    unique = dict(zip(names, handles))
+    axes[0].legend(unique.values(), unique.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 def plot_curves(jobs: list[Job], keys: list[str], path: Path):
     """Dev metric per task against that task's examples seen, one line per row (seed
@@ -222,32 +437,70 @@ def plot_curves(jobs: list[Job], keys: list[str], path: Path):
     plt.close(fig)
 
 
-def report(folders: list[Path], out: Path | None = None) -> str:
+def report(folders: list[Path], out: Path | None = None, reference: str | None = None,
+           claims_file: Path | None = claims_module.PAPER_CLAIMS, data_root: str | None = None) -> str:
     jobs = find_jobs(folders)
     keys = metric_keys(jobs)
     rows = summarize(jobs, keys)
+    names = [r["row"] for r in rows]
+    reference = reference or names[0]
+    if reference not in names:
+        raise ValueError(f"--reference {reference!r} is not a row of this report; rows: {names}")
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, keys)
-    (out / "table.md").write_text(
-        "Dev scores: mean ± standard deviation over completed seeds (the paper's number in "
-        "brackets).\n\n" + table + "\n")
+    comparisons = compare(rows, keys, reference, data_root)
+    baselines, deltas = delta_m_rows(rows, keys)
+    sections = ["Dev scores: the mean over completed seeds, its 95% Student-t interval over seeds in "
+                "brackets (with 2 seeds or more), the paper's number in parentheses.",
+                "", markdown(rows, keys)]
+    if comparisons:
+        sections += ["", f"## Paired comparisons against {reference}", "",
+                     comparisons_markdown(comparisons, reference)]
+    if deltas:
+        sections += ["", "## Δm against single-task baselines", "", delta_m_markdown(baselines, deltas)]
+    if claims_file is not None:
+        sections += ["", "## Claims", "", claims_markdown(claims_file, rows, keys)]
+    text = "\n".join(sections) + "\n"
+    (out / "table.md").write_text(text)
     write_csv(rows, keys, out / "table.csv")
+    write_comparisons_csv(comparisons, out / "comparisons.csv")
     plot_bars(rows, keys, out / "bars.png")
+    plot_seeds(rows, keys, out / "seeds.png")
     plot_curves(jobs, keys, out / "curves.png")
-    return table
+    return text
+
+
+def claims_markdown(path: Path, rows: list[dict], keys: list[str]) -> str:
+    """The verdicts of the claims whose rows are in the report; the others listed as untested."""
+    values = {r["row"]: {k: r[f"{k}_seeds"] for k in keys} for r in rows}
+    claims = claims_module.load_claims(path)
+    relevant = [c for c in claims if any(ch.a in values or ch.b in values for ch in c.checks)]
+    text = claims_module.markdown(claims_module.judge(relevant, values)) if relevant else ""
+    others = [c.text for c in claims if c not in relevant]
+    if others:
+        text += ("\n" if text else "") + f"- Not tested here (none of their rows is in this report): " + "; ".join(others) + "."
+    return f"From {path.name}; p-values Holm-corrected across the checks of the claims tested.\n\n" + text
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Table 1 from sweep folders")
+    parser = argparse.ArgumentParser(description="Table 1 from sweep folders, with its statistics")
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=None, help="default: the first folder")
+    parser.add_argument("--reference", default=None, help="the row the others are compared with "
+                        "(default: the first row)")
+    parser.add_argument("--claims", type=Path, default=claims_module.PAPER_CLAIMS,
+                        help="a claims YAML file (default: the paper's, mtbert/paper_claims.yaml)")
+    parser.add_argument("--no-claims", action="store_true", help="leave the claims section out")
+    parser.add_argument("--data-root", default=None, help="the data folder for the gold dev labels "
+                        "of a bootstrap (default: each run's data.root)")
     args = parser.parse_args(argv)
     try:
-        print(report(args.folders, args.out))
-    except FileNotFoundError as e:
+        print(report(args.folders, args.out, args.reference, None if args.no_claims else args.claims,
+                     args.data_root))
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"\nwritten to {args.out or args.folders[0]}: table.md, table.csv, bars.png, curves.png")
+    print(f"\nwritten to {args.out or args.folders[0]}: table.md, table.csv, comparisons.csv, "
+          "bars.png, seeds.png, curves.png")
 
 
 if __name__ == "__main__":
