@@ -20,19 +20,22 @@ PAPER_METRICS = ("sst_acc", "para_acc", "sts_pearson")
 
 @torch.inference_mode()
 def predict(model, task: Task, objective: Objective, enc: Encoded, device, precision: str,
-            max_tokens: int = 16384) -> torch.Tensor:
-    """Predictions for every example of `enc`, in file order (batches run in length order)."""
+            max_tokens: int = 16384, output=None) -> torch.Tensor:
+    """Predictions for every example of `enc`, in file order (batches run in length order);
+    `output` (default `objective.predict`) turns the head's output into them."""
+    output = output or objective.predict
     was_training = model.training
     model.eval()
     predictions, order = [], []
     for batch in eval_batches(enc, max_tokens):
         with autocast(device, precision):
-            output = model(task.name, batch.to(device))
-        predictions.append(objective.predict(output, task).float())
+            head = model(task.name, batch.to(device))
+        predictions.append(output(head, task).float())
         order.append(batch.index)
     model.train(was_training)
-    out = torch.empty(len(enc))
-    out[torch.cat(order)] = torch.cat(predictions).cpu()  # the one wait for the device
+    predictions = torch.cat(predictions).cpu()  # the one wait for the device
+    out = torch.empty(len(enc), *predictions.shape[1:])
+    out[torch.cat(order)] = predictions
     return out
 
 

@@ -31,6 +31,10 @@ class Objective:
         """Class ids for classification, a score on the task's scale for regression."""
         raise NotImplementedError
 
+    def probabilities(self, output: Tensor, task: Task) -> Tensor:
+        """[B, classes] class probabilities of a classification objective (error analysis)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no class probabilities")
+
 
 class CrossEntropy(Objective):
     """Eq. 2: weighted cross-entropy over the task's classes (weighted mean over the batch)."""
@@ -55,6 +59,9 @@ class CrossEntropy(Objective):
     def predict(self, output, task):
         return output.argmax(-1)
 
+    def probabilities(self, output, task):
+        return output.float().softmax(-1)
+
 
 class BinaryCrossEntropy(Objective):
     """One logit and BCE with logits, for two-class tasks (the paper's paraphrase loss)."""
@@ -68,6 +75,10 @@ class BinaryCrossEntropy(Objective):
 
     def predict(self, output, task):
         return (output > 0).long()
+
+    def probabilities(self, output, task):
+        positive = output.float().sigmoid()
+        return torch.stack([1 - positive, positive], -1)
 
 
 class MeanSquaredError(Objective):
