@@ -1,12 +1,20 @@
 """Do the tasks' gradients conflict? (the open question of paper section 5.2)
 
+    python -m mtbert.diagnostics RUN_DIR     # -> RUN_DIR/grad_conflict.md and .png
+
 The `grad` events that `diagnostics.grad_every` adds to metrics.jsonl hold the pairwise
-cosines of the task gradients on the shared parameters, their norms and, under PCGrad,
-the projections made; `plot_grad_conflict` draws them over training.
+cosines of the task gradients on the shared parameters, their norms, under PCGrad the
+projections made, and how far the method's update is from the plain sum (`update`);
+`plot_grad_conflict` draws them over training and `conflict_summary` counts them by
+task pair and phase (encoder trained or frozen).
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
+import sys
+from collections import defaultdict
 from pathlib import Path
 
 from matplotlib.figure import Figure
@@ -44,3 +52,57 @@ def plot_grad_conflict(run_dir: Path, name: str = "grad_conflict.png") -> Path |
     path = Path(run_dir) / name
     fig.savefig(path, dpi=120)
     return path
+
+
+def conflict_summary(run_dir: Path, name: str = "grad_conflict.md") -> str | None:
+    """How often each pair of task gradients conflicts (cosine < 0), by phase, and how much
+    the method changed the update; written to `run_dir/name`. None without grad events."""
+    events = read_events(run_dir, "grad")
+    if not events:
+        return None
+    widest = max(e.get("params", 0) for e in events)
+    phases = defaultdict(list)
+    for e in events:  # a frozen encoder leaves fewer shared parameters with a gradient
+        phases["encoder trained" if e.get("params", 0) == widest else "encoder frozen"].append(e)
+    lines = ["Task-gradient conflict on the shared parameters, from the run's `grad` events "
+             "(cosine < 0: the pair conflicts; null cosines, from a zero gradient, are left out).", "",
+             "| phase | pair | steps | conflicting | mean cos | median cos |", "|---|---|---|---|---|---|"]
+    for phase, group in phases.items():
+        for pair in sorted({k for e in group for k in e["cos"]}):
+            cos = [e["cos"][pair] for e in group if e["cos"].get(pair) is not None]
+            if cos:
+                lines.append(f"| {phase} | {pair.replace('|', ' / ')} | {len(cos)} | {sum(c < 0 for c in cos) / len(cos):.1%} | "
+                             f"{statistics.fmean(cos):+.4f} | {statistics.median(cos):+.4f} |")
+    lines += ["", "The method's update against the plain sum of the task gradients: `change` is "
+              "|update - sum| / |sum|; projections are PCGrad's per step (of T(T-1) possible).", "",
+              "| phase | steps | projections per step | mean change | max change | mean cos(update, sum) |",
+              "|---|---|---|---|---|---|"]
+    for phase, group in phases.items():
+        updates = [e["update"] for e in group if (e.get("update") or {}).get("change") is not None]
+        projections = [e["projections"] for e in group if e.get("projections") is not None]
+        if updates:
+            change = [u["change"] for u in updates]
+            cos = [u["cos"] for u in updates if u["cos"] is not None]
+            per_step = f"{statistics.fmean(projections):.3f}" if projections else "-"
+            mean_cos = f"{statistics.fmean(cos):.5f}" if cos else "-"  # none: the update was zero
+            lines.append(f"| {phase} | {len(updates)} | {per_step} | {statistics.fmean(change):.4f} | "
+                         f"{max(change):.4f} | {mean_cos} |")
+    text = "\n".join(lines) + "\n"
+    (Path(run_dir) / name).write_text(text)
+    return text
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Task-gradient conflict of a run (diagnostics.grad_every)")
+    parser.add_argument("run_dir", type=Path)
+    args = parser.parse_args(argv)
+    text = conflict_summary(args.run_dir)
+    if text is None:
+        sys.exit(f"error: {args.run_dir}/metrics.jsonl has no grad events; train with diagnostics.grad_every=N")
+    plot_grad_conflict(args.run_dir)
+    print(text)
+    print(f"written to {args.run_dir}: grad_conflict.md, grad_conflict.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,9 +59,18 @@ class TaskGradients:
             if reached:
                 p.grad = g.view_as(p)
 
-    def diagnostics(self, projections: Tensor | None) -> dict:
-        """Norms and pairwise cosines of the task gradients (null where a norm is 0)."""
+    def diagnostics(self, combined: Tensor, projections: Tensor | None) -> dict:
+        """Norms and pairwise cosines of the task gradients (null where a norm is 0), and
+        how far the method's combined gradient is from their plain sum (Adam's): the norm
+        of the difference relative to the sum's (`change`), their cosine and norm ratio."""
         gram = self.gram.cpu()
+        total = self.matrix.sum(0).double()
+        combined = combined.double()
+        total_norm = total.norm().item()
+        update = ({"change": (combined - total).norm().item() / total_norm,
+                   "cos": (combined @ total).item() / (combined.norm().item() * total_norm or math.nan),
+                   "norm_ratio": combined.norm().item() / total_norm}
+                  if total_norm > 0 else {"change": None, "cos": None, "norm_ratio": None})
         norms = gram.diagonal().sqrt().tolist()
         cos = {}
         for i in range(len(self.tasks)):
@@ -70,7 +79,8 @@ class TaskGradients:
                 cos[f"{self.tasks[i]}|{self.tasks[j]}"] = (
                     gram[i, j].item() / denominator if denominator > 0 else math.nan)
         return {"cos": cos, "norm": dict(zip(self.tasks, norms)),
-                "projections": None if projections is None else int(projections)}
+                "projections": None if projections is None else int(projections),
+                "update": update, "params": self.matrix.shape[1]}
 
 
 class GradientMethod:
@@ -95,7 +105,7 @@ class GradientMethod:
         grads = TaskGradients(losses, shared, self.storage(len(losses), shared))
         combined, projections = self.combine(grads)
         grads.write(combined)
-        return grads.diagnostics(projections) if diagnose else None
+        return grads.diagnostics(combined, projections) if diagnose else None
 
     def sums(self, losses: dict[str, Tensor]) -> bool:
         return False

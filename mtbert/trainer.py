@@ -25,7 +25,7 @@ from mtbert import distributed
 from mtbert.batching import Batch, TaskStream, encode
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
-from mtbert.diagnostics import plot_grad_conflict
+from mtbert.diagnostics import conflict_summary, plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
@@ -344,9 +344,11 @@ class Trainer:
         self.save_last()
         if self.grad_every:
             plot_grad_conflict(self.run.path)
+            conflict_summary(self.run.path)
         return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
-                "skipped_steps": self.skipped, "train_seconds": self.elapsed}
+                "skipped_steps": self.skipped, "train_seconds": self.elapsed,
+                "device": s.device.type, "precision": s.precision}
 
     def eval_due(self) -> bool:
         """Every `trainer.eval_every_steps` steps when set (the same points for every

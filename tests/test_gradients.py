@@ -13,7 +13,7 @@ from torchjd.aggregation import MGDA, PCGrad as TorchjdPCGrad, UPGrad
 
 from conftest import ROOT, read_results, run_train, write_cs224n
 from mtbert.batching import collate
-from mtbert.gradients import Aggregated, PCGrad, Sum
+from mtbert.gradients import Aggregated, PCGrad, Sum, TaskGradients
 from mtbert.rundir import RunDir
 from mtbert.trainer import Setup
 
@@ -223,6 +223,22 @@ def test_frozen_parameters_stay_bit_identical_over_pcgrad_steps(setup):
     assert not any(encoder[n] in s.optimizer.state for n in pooler)
 
 
+def test_update_change_against_the_plain_sum_by_hand():
+    """a = (1, 0), b = (-1, 1) conflict: PCGrad gives a' = (0.5, 0.5), b' = (0, 1), so the
+    update (0.5, 1.5) differs from the sum (0, 1) by (0.5, 0.5)."""
+    p = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    losses = {"a": p @ torch.tensor([1.0, 0.0], dtype=torch.float64),
+              "b": p @ torch.tensor([-1.0, 1.0], dtype=torch.float64)}
+    method = PCGrad()
+    grads = TaskGradients(losses, [p], method.storage(2, [p]))
+    combined, projections = method.combine(grads)
+    update = grads.diagnostics(combined, projections)["update"]
+    assert update["change"] == pytest.approx(0.5 ** 0.5)
+    assert update["norm_ratio"] == pytest.approx(2.5 ** 0.5)
+    assert update["cos"] == pytest.approx(1.5 / 2.5 ** 0.5)
+    assert Sum().combine(grads)[0].tolist() == [0.0, 1.0]
+
+
 # End to end.
 
 def grad_events(run_dir):
@@ -249,10 +265,15 @@ def test_train_logs_and_plots_grad_conflict(optim, data_dir, tmp_path):
         assert set(e["norm"]) == {"sst", "para", "sts"}
         assert all(v is None or -1 <= v <= 1 for v in e["cos"].values())
         assert isinstance(e["projections"], int) if optim == "pcgrad" else e["projections"] is None
+        assert e["update"]["change"] is None or e["update"]["change"] >= 0
     # STS reads the pooled encoder output, so while the encoder is frozen its gradient on
     # the shared parameters is zero and its cosines are undefined
     assert events[0]["norm"]["sts"] == 0 and events[0]["cos"]["sst|sts"] is None
     assert (run / "grad_conflict.png").stat().st_size > 10_000
+    # the frozen-encoder steps (schedule=paper) have fewer shared parameters with a gradient
+    assert events[0]["params"] < events[1]["params"]
+    summary = (run / "grad_conflict.md").read_text()
+    assert "| encoder frozen | sst / para |" in summary and "| encoder trained | sst / sts |" in summary
 
 
 def test_same_seed_same_run(data_dir, tmp_path):

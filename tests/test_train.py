@@ -58,6 +58,7 @@ def test_milestone_baseline_trains_sst_only_and_evaluates_all(tmp_path, data_dir
     results = read_results(run_dir)
     assert results["experiment"] == "milestone_baseline"
     assert results["examples_seen"] == {"sst": 80}
+    assert results["device"] == "cpu" and results["precision"] in ("bf16", "fp32")  # what auto resolved to
     assert all(results["dev"][k] is not None for k in ("sst_acc", "para_acc", "sts_pearson"))
 
 
