@@ -19,7 +19,7 @@ from mtbert.device import resolve_device
 from mtbert.evaluate import format_table
 from mtbert.logger import NoLogger
 from mtbert.rundir import ReadOnlyRunDir, RunDir
-from mtbert.trainer import Interrupted, train
+from mtbert.trainer import Interrupted, data_files, train
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ def main(cfg: DictConfig) -> dict:
         if distributed.broadcast_object(output_dir) != output_dir:
             raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
                              "with torchrun pass hydra.run.dir=... so that all ranks share one")
+        data_files(cfg)  # a missing data file is reported before W&B and the model load
         if rank == 0:
             run = RunDir(output_dir)
             logger = instantiate(cfg.logger)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
 from mtbert.batching import Batch, TaskStream, encode
-from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split
+from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split, read_text
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
@@ -106,6 +106,8 @@ class Setup:
 
     def __init__(self, cfg: DictConfig, run: RunDir):
         self.cfg, self.run = cfg, run
+        self.files = {}  # task -> split -> the file read: path, rows read, kept, skipped, sha256
+        data_files(cfg)  # every file there, before the model loads
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
         self.sampler = instantiate(cfg.sampler, _convert_="all")
@@ -127,26 +129,47 @@ class Setup:
 
     def _load_data(self):
         cfg = self.cfg.data
-        root = Path(cfg.root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"data.root={root} is not a directory. {DATA_HELP}")
         rejected = RejectedRows(cfg.bad_rows)
         train, dev = {}, {}
         try:
-            for split, labelled_splits, names in (("train", train, self.train_tasks),
-                                                   ("dev", dev, list(self.tasks))):
-                for name in names:
-                    task = self.tasks[name]
-                    if split not in task.files:
-                        raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "
-                                          "train (when trained) and dev files, test is optional")
-                    rows = read_split(task, root / task.files[split], rejected, labelled=True,
-                                      limit=row_limit(cfg.limit[split], name))
-                    labelled_splits[name] = encode(rows, self.tokenizer, cfg.max_length,
-                                                   self.model.encodings[name] == "siamese", cfg.cache_dir)
+            for split, task, path in data_files(self.cfg, self.train_tasks):
+                rows = read_split(task, path, rejected, labelled=True,
+                                  limit=row_limit(cfg.limit[split], task.name))
+                self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
+                log.info("%s: %d rows, %d kept, %d skipped", path, rows.counts["rows"],
+                         rows.counts["kept"], rows.counts["skipped"])
+                (train if split == "train" else dev)[task.name] = encode(
+                    rows, self.tokenizer, cfg.max_length, self.model.encodings[task.name] == "siamese",
+                    cfg.cache_dir)
         finally:
             self.run.write_rejected(rejected)
+            if rejected.rows:
+                log.warning("%d bad row(s) skipped in all, listed in %s/rejected_rows.tsv",
+                            len(rejected.rows), self.run.path)
         return train, dev
+
+
+def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tuple[str, Task, Path]]:
+    """(split, task, path) of every file a run reads: the training tasks' train files and
+    every task's dev file. Checks, before anything heavy loads, that each is there."""
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.is_file() else "is not a directory"
+        raise DataError(f"data.root={root} {what}. {DATA_HELP}")
+    tasks = declared_tasks(cfg)
+    train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
+    check_task_names(train_tasks, tasks, "sampler.tasks")
+    files = []
+    for split, names in (("train", train_tasks), ("dev", list(tasks))):
+        for name in names:
+            if split not in tasks[name].files:
+                raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "
+                                  "train (when trained) and dev files, test is optional")
+            path = root / tasks[name].files[split]
+            if not path.is_file():
+                read_text(path)  # says what the path is instead (missing, a folder, a loop)
+            files.append((split, tasks[name], path))
+    return files
 
 
 class Interrupted(Exception):
@@ -348,7 +371,7 @@ class Trainer:
         return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "train_seconds": self.elapsed,
-                "device": s.device.type, "precision": s.precision}
+                "device": s.device.type, "precision": s.precision, "data": s.files}
 
     def eval_due(self) -> bool:
         """Every `trainer.eval_every_steps` steps when set (the same points for every

@@ -80,5 +80,6 @@ def test_bad_values_name_their_key(override, error, message, data_dir, tmp_path)
 
 def test_missing_data_directory_says_how_to_get_it(tmp_path):
     cfg = make("model=tiny", f"data.root={tmp_path}/nowhere")
-    with pytest.raises(DataError, match=r"data.root=.*nowhere is not a directory.*MTBERT_DATA_DIR"):
+    with pytest.raises(DataError, match=r"data.root=.*nowhere is not a directory. Get the CS224N files with "
+                       r"`python -m mtbert.data download --to data` .*--source hub.*MTBERT_DATA_DIR"):
         Setup(cfg, RunDir(tmp_path / "run"))

@@ -1,4 +1,6 @@
 import csv
+import gzip
+import hashlib
 
 import pytest
 import torch
@@ -80,7 +82,7 @@ def test_regression_label_range(tmp_path):
 
 
 def test_missing_file_and_columns_are_clear(tmp_path):
-    with pytest.raises(DataError, match="data file not found: .*nope.csv.*MTBERT_DATA_DIR"):
+    with pytest.raises(DataError, match="data file .*nope.csv not found.*mtbert.data download.*MTBERT_DATA_DIR"):
         read_split(SST, tmp_path / "nope.csv", RejectedRows(), labelled=True)
     path = write(tmp_path / "sst.csv", ["", "id", "text", "sentiment"], [["0", "a", "b", "1"]])
     with pytest.raises(DataError, match=r"lacks column\(s\) \['sentence'\]"):
@@ -90,6 +92,62 @@ def test_missing_file_and_columns_are_clear(tmp_path):
 def test_limit_keeps_first_valid_rows(data_dir):
     rows = read_split(SST, data_dir / "ids-sst-train.csv", RejectedRows(), labelled=True, limit=7)
     assert len(rows) == 7
+    assert rows.counts == {"rows": 60, "valid": 60, "kept": 7, "skipped": 0, "control_characters": 0,
+                           "sha256": hashlib.sha256((data_dir / "ids-sst-train.csv").read_bytes()).hexdigest()}
+
+
+def test_limit_never_hides_a_bad_row_further_down(tmp_path, caplog):
+    """data.limit keeps the first valid rows, but the whole file is validated."""
+    rows = [[str(i), f"{i:025x}", f"sentence {i}", str(i % 5)] for i in range(80)]
+    rows[60][3] = "9"  # file line 62
+    path = write(tmp_path / "sst.csv", ["", "id", "sentence", "sentiment"], rows)
+    with pytest.raises(DataError, match=r"sst.csv, line 62: label '9' is not a class"):
+        read_split(SST, path, RejectedRows("error"), labelled=True, limit=10)
+    kept = read_split(SST, path, RejectedRows("skip"), labelled=True, limit=10)
+    assert len(kept) == 10 and kept.counts["skipped"] == 1 and "skipped 1 bad row(s) of 80" in caplog.text
+
+
+def test_duplicate_ids_are_bad_rows(tmp_path):
+    path = write(tmp_path / "sst.csv", ["", "id", "sentence", "sentiment"],
+                 [["0", "a" * 25, "one", "1"], ["1", "b" * 25, "two", "2"], ["2", "a" * 25, "three", "3"]])
+    rejected = RejectedRows("skip")
+    assert read_split(SST, path, rejected, labelled=True).ids == ["a" * 25, "b" * 25]
+    assert rejected.rows[0][1:3] == (4, f"duplicate id {'a' * 25!r} (first on line 2)")
+    with pytest.raises(DataError, match="line 4: duplicate id"):
+        read_split(SST, path, RejectedRows("error"), labelled=True)
+
+
+def test_control_characters_are_counted_and_kept(tmp_path, caplog):
+    path = write(tmp_path / "sst.csv", ["", "id", "sentence", "sentiment"],
+                 [["0", "a" * 25, "guilt\x7f?", "1"], ["1", "b" * 25, "nul\x00here", "2"], ["2", "c" * 25, "ok", "3"]])
+    rows = read_split(SST, path, RejectedRows("error"), labelled=True)
+    assert len(rows) == 3 and rows.counts["control_characters"] == 2
+    assert "2 row(s) hold control characters (the first: U+007F on line 2, column 'sentence')" in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\tid\tsentence\tsentiment\n0\taaa\tcaf\xe9 au lait\t1\n", r"line 2: byte 0xe9 is not UTF-8.*re-encode it as UTF-8"),
+    (gzip.compress(b"\tid\tsentence\tsentiment\n"), "is gzip-compressed; decompress it"),
+    ("\tid\tsentence\tsentiment\n".encode("utf-16"), "is UTF-16; re-encode it as UTF-8"),
+])
+@pytest.mark.parametrize("policy", ["skip", "error"])
+def test_a_file_that_is_not_utf8_names_file_line_and_fix(content, message, policy, tmp_path):
+    path = tmp_path / "sst.csv"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=f"sst.csv.*{message}"):
+        read_split(SST, path, RejectedRows(policy), labelled=True)
+
+
+def test_a_folder_or_a_symlink_loop_says_what_it_is(tmp_path):
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(DataError, match="folder.csv is a directory, not a data file"):
+        read_split(SST, tmp_path / "folder.csv", RejectedRows(), labelled=True)
+    (tmp_path / "loop.csv").symlink_to(tmp_path / "loop.csv")
+    with pytest.raises(DataError, match="cannot read data file .*loop.csv: Too many levels of symbolic links"):
+        read_split(SST, tmp_path / "loop.csv", RejectedRows(), labelled=True)
+    (tmp_path / "dangling.csv").symlink_to(tmp_path / "gone.csv")
+    with pytest.raises(DataError, match="dangling.csv is a broken symbolic link"):
+        read_split(SST, tmp_path / "dangling.csv", RejectedRows(), labelled=True)
 
 
 def test_bad_policy_name():

@@ -1,4 +1,4 @@
-"""The real CS224N files in $MTBERT_DATA_DIR read as shared/data/README.md says."""
+"""The real CS224N files in $MTBERT_DATA_DIR: their row counts and known quirks."""
 
 import os
 from pathlib import Path
@@ -43,3 +43,10 @@ def test_quora_dev_bad_rows_are_lines_2577_and_14222():
         (2577, "missing label"), (14222, "empty sentence in column 'sentence2'")]
     # for prediction the unlabelled row is usable; the one without a second sentence is not
     assert len(read_split(PARA, ROOT / "quora-dev.csv", RejectedRows(), labelled=False)) == 20213
+
+
+def test_the_few_control_characters_are_counted_and_their_rows_kept():
+    """quora-dev.csv lines 13291 and 17276 hold U+007F, sts-train.csv line 3003 U+0012."""
+    assert read_split(PARA, ROOT / "quora-dev.csv", RejectedRows(), labelled=True).counts["control_characters"] == 2
+    sts = read_split(STS, ROOT / "sts-train.csv", RejectedRows("error"), labelled=True)
+    assert sts.counts["control_characters"] == 1 and len(sts) == 6040

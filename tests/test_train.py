@@ -59,6 +59,10 @@ def test_milestone_baseline_trains_sst_only_and_evaluates_all(tmp_path, data_dir
     assert results["experiment"] == "milestone_baseline"
     assert results["examples_seen"] == {"sst": 80}
     assert results["device"] == "cpu" and results["precision"] in ("bf16", "fp32")  # what auto resolved to
+    sst_train = results["data"]["sst"]["train"]  # budget=smoke: data.limit 40 of the file's 60 rows
+    assert (sst_train["rows"], sst_train["kept"], sst_train["skipped"]) == (60, 40, 0)
+    assert sst_train["path"] == str((data_dir / "ids-sst-train.csv").resolve()) and len(sst_train["sha256"]) == 64
+    assert set(results["data"]) == {"sst", "para", "sts"} and set(results["data"]["para"]) == {"dev"}
     assert all(results["dev"][k] is not None for k in ("sst_acc", "para_acc", "sts_pearson"))
 
 
