@@ -89,9 +89,11 @@ class WandbLogger:
     """One W&B run per job: config, every event, results, plots and (optionally) checkpoints."""
 
     def __init__(self, project: str, entity: str | None = None, tags=(), group: str | None = None,
-                 mode: str | None = None, log_checkpoints: bool = False, init_timeout: float = 10):
+                 mode: str | None = None, log_checkpoints: bool = False, init_timeout: float = 10,
+                 quiet: bool = True):
         self.project, self.entity, self.tags, self.group = project, entity, list(tags), group
         self.mode, self.log_checkpoints, self.init_timeout = mode, log_checkpoints, init_timeout
+        self.quiet = quiet
         self.run = None
 
     def start(self, cfg: DictConfig, run_dir: Path):
@@ -109,15 +111,15 @@ class WandbLogger:
                     reinit="finish_previous", id=self.run_id(), resume="allow")
         mode = resolve_mode(self.mode)
         try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=self.init_timeout),
-                                  **init)
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(
+                init_timeout=self.init_timeout, quiet=self.quiet), **init)
         except wandb.Error as e:
             if mode in LOCAL_MODES:
                 raise
             log.warning("W&B could not start online (%s): logging offline instead; upload "
                         "later with `wandb sync`", str(e).splitlines()[0])
             wandb.teardown()  # the failed start still holds the run id in wandb's service
-            self.run = wandb.init(mode="offline", **init)
+            self.run = wandb.init(mode="offline", settings=wandb.Settings(quiet=self.quiet), **init)
         self.run.define_metric("eval/dev/*", summary="max")
 
     def run_id(self) -> str:

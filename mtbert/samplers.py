@@ -23,6 +23,9 @@ class TaskSampler:
         if self.tasks is not None and not self.tasks:
             raise ValueError("sampler.tasks must name at least one task (or be null for all)")
 
+    def check(self, tasks: list[str]):
+        """Raise ValueError if this sampler cannot schedule these training tasks."""
+
     def steps_per_epoch(self, sizes: dict[str, int]) -> int:
         raise NotImplementedError
 
@@ -193,6 +196,12 @@ class Adaptive(Drawn):
         self.targets, self.power, self.max_ratio = dict(targets), power, max_ratio
         self.scores: dict[str, float | None] = {}
 
+    def check(self, tasks):
+        missing = sorted(set(tasks) - set(self.targets))
+        if missing:
+            raise ValueError(f"sampler.targets has no target for task(s) {missing}; add one "
+                             f"per trained task, e.g. 'sampler.targets.{missing[0]}=0.8'")
+
     def observe(self, scores):
         self.scores = dict(scores)
 
@@ -203,9 +212,6 @@ class Adaptive(Drawn):
         self.scores = dict(state["scores"])
 
     def weights(self, sizes, progress):
-        missing = sorted(set(sizes) - set(self.targets))
-        if missing:
-            raise ValueError(f"sampler.targets has no target for task(s) {missing}")
         weights = {}
         for t in sizes:
             score = self.scores.get(t)

@@ -108,11 +108,14 @@ class Setup:
         self.cfg, self.run = cfg, run
         self.files = {}  # task -> split -> the file read: path, rows read, kept, skipped, sha256
         data_files(cfg)  # every file there, before the model loads
+        self.sampler = instantiate(cfg.sampler, _convert_="all")
+        self.train_tasks = self.sampler.tasks or list(cfg.data.tasks)
+        try:
+            self.sampler.check(self.train_tasks)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
-        self.sampler = instantiate(cfg.sampler, _convert_="all")
-        self.train_tasks = self.sampler.tasks or list(self.tasks)
-        check_task_names(self.train_tasks, self.tasks, "sampler.tasks")
         weights = dict(cfg.loss.get("weights") or {})
         check_task_names(weights, self.tasks, "loss.weights")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}

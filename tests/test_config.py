@@ -83,3 +83,17 @@ def test_missing_data_directory_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match=r"data.root=.*nowhere is not a directory. Get the CS224N files with "
                        r"`python -m mtbert.data download --to data` .*--source hub.*MTBERT_DATA_DIR"):
         Setup(cfg, RunDir(tmp_path / "run"))
+
+
+def test_a_task_added_by_override_needs_an_adaptive_target_before_training(data_dir, tmp_path):
+    """The README's `+data.tasks.NAME={...}` syntax; the adaptive sampler's missing target is
+    a ConfigError in Setup, before the model loads, not a traceback at the first step."""
+    added = ("+data.tasks.sst_copy={files: {train: ids-sst-train.csv, dev: ids-sst-dev.csv}, "
+             "sentences: [sentence], label: sentiment, classes: 5}")
+    cfg = make("model=tiny", f"data.root={data_dir}", "sampler=adaptive", added)
+    with pytest.raises(ConfigError, match=r"sampler.targets has no target for task\(s\) \['sst_copy'\]; "
+                                          r"add one per trained task, e.g. 'sampler.targets.sst_copy=0.8'"):
+        Setup(cfg, RunDir(tmp_path / "run"))
+    cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", "sampler=adaptive",
+               added, "+sampler.targets.sst_copy=0.5", "optim.lr.heads=1e-3")
+    assert set(Setup(cfg, RunDir(tmp_path / "run")).train) == {"sst", "para", "sts", "sst_copy"}

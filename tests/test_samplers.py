@@ -101,8 +101,9 @@ def test_adaptive_favours_tasks_below_target():
     assert counts["sst"] / 6000 == pytest.approx(2 / 3, abs=0.02)
     sampler.observe({"sst": -0.3, "para": None})  # a negative score is capped, None is neutral
     assert sampler.probabilities(sizes)["sst"] == pytest.approx(10 / 11)
-    with pytest.raises(ValueError, match="no target for task"):
-        sampler.probabilities({"sts": 3})
+    with pytest.raises(ValueError, match=r"no target for task\(s\) \['sts'\]"):
+        sampler.check(["sst", "para", "sts"])
+    sampler.check(["sst", "para"])
 
 
 def test_drawn_samplers_are_seeded():
