@@ -45,10 +45,18 @@ def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = 
     out = out or run_dir / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} of {run_dir} is not a folder; pass --data-root DIR")
     for name, task in tasks.items():
         for split in splits:
-            path = Path(cfg.data.root).expanduser() / task.files.get(split, "")
-            if split not in task.files or not path.is_file():
+            if split not in task.files:
+                print(f"{name} {split}: data.tasks.{name}.files declares no {split} file, skipped")
+                continue
+            path = root / task.files[split]
+            if not path.is_file():
+                if split != "test":  # the labelled splits are the run's own: they must be there
+                    raise FileNotFoundError(f"{name} {split}: {path} not found; pass --data-root DIR")
                 print(f"{name} {split}: no file {path}, skipped")
                 continue
             rejected = RejectedRows("skip")

@@ -97,3 +97,13 @@ def test_a_task_added_by_override_needs_an_adaptive_target_before_training(data_
     cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", "sampler=adaptive",
                added, "+sampler.targets.sst_copy=0.5", "optim.lr.heads=1e-3")
     assert set(Setup(cfg, RunDir(tmp_path / "run")).train) == {"sst", "para", "sts", "sst_copy"}
+
+
+def test_help_shows_the_common_commands_and_the_groups():
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(CONF.parent / "train.py"), "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("mtbert: multitask fine-tuning")
+    assert "python -m mtbert.data download --to data" in proc.stdout
+    assert "experiment: milestone_baseline, random_sequential" in proc.stdout

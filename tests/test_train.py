@@ -115,6 +115,9 @@ def test_predict_writes_cs224n_files(tmp_path, data_dir):
                           env={**__import__("os").environ, "MTBERT_DATA_DIR": str(data_dir)})
     assert proc.returncode == 0, proc.stderr
     assert "para test: no file" in proc.stdout and "skipped" in proc.stdout
+    moved = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir), "--data-root", str(tmp_path / "gone")],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert moved.returncode == 1 and f"data.root {tmp_path / 'gone'} of {run_dir} is not a folder" in moved.stderr
     out = run_dir / "predictions"
     assert sorted(p.name for p in out.iterdir()) == [
         "para-dev-output.csv", "sst-dev-output.csv", "sst-test-output.csv",
