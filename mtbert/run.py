@@ -3,9 +3,12 @@ interrupted), so a sweep never loses track of a job."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +21,9 @@ from mtbert import distributed
 from mtbert.device import resolve_device
 from mtbert.evaluate import format_table
 from mtbert.logger import NoLogger
-from mtbert.rundir import ReadOnlyRunDir, RunDir
-from mtbert.trainer import Interrupted, data_files, train
+from mtbert.data import DataError
+from mtbert.rundir import CheckpointError, ReadOnlyRunDir, RunDir
+from mtbert.trainer import ConfigError, Interrupted, data_files, train
 
 log = logging.getLogger(__name__)
 
@@ -32,25 +36,39 @@ def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
     if not original.is_file():
         raise FileNotFoundError(f"resume={run_dir}: {original} not found; give the directory "
                                 "of an mtbert run (it holds .hydra/ and checkpoints/)")
-    extra = [o for o in hydra.overrides.task if not o.startswith("resume=")]
+    extra = [o for o in hydra.overrides.task if not o.startswith(("resume=", "data.root="))]
     if extra:
         raise ValueError(f"resume continues {run_dir} with its own config ({original}); "
-                         f"drop the other overrides {extra}")
+                         f"drop the other overrides {extra} (data.root= alone may point at the run's "
+                         "data in another folder)")
     saved = OmegaConf.load(original)
     saved.resume = cfg.resume
+    if any(o.startswith("data.root=") for o in hydra.overrides.task):
+        saved.data.root = cfg.data.root
     choices = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.choices
     return saved, choices.get("experiment")
+
+
+def stop_outside_training(signum, frame):
+    """SIGTERM before the loop has begun (or after it ended): stop at once, with a record.
+    Inside the loop the trainer's own handler stops after the current step and saves."""
+    raise Interrupted(f"stopped by {signal.Signals(signum).name} outside the training loop "
+                      "(during setup or the last writes)")
 
 
 def main(cfg: DictConfig) -> dict:
     hydra = HydraConfig.get()
     experiment = hydra.runtime.choices.get("experiment")
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_outside_training)
+    output_dir = hydra.runtime.output_dir
+    previous = Path(output_dir) / "results.json"
+    previous = json.loads(previous.read_text()) if cfg.resume and previous.is_file() else None
     if cfg.resume:
         cfg, experiment = resumed_config(cfg, hydra)
-    output_dir = hydra.runtime.output_dir
     results = {"status": "failed", "experiment": experiment,
-               "seed": cfg.seed, "dev": None, "best_epoch": None, "steps": 0,
-               "examples_seen": {}, "train_seconds": 0.0, "error": None}
+               "seed": cfg.seed, "dev": None, "best_epoch": None, "best_step": None, "steps": 0,
+               "examples_seen": {}, "skipped_steps": 0, "train_seconds": 0.0, "error": None}
     logger, run = NoLogger(), None
     start = time.perf_counter()
     try:
@@ -69,8 +87,16 @@ def main(cfg: DictConfig) -> dict:
         logger.start(cfg, run.path)
         results.update(train(cfg, run), status="completed")
     except Interrupted as e:
-        results.update(status="interrupted", error=str(e))
+        results.update(previous or {}, **e.results, status="interrupted", error=str(e))
         sys.exit(f"interrupted: {e}")
+    except (ConfigError, DataError, CheckpointError) as e:
+        if previous is None:
+            results["error"] = f"{type(e).__name__}: {e}"
+        else:  # a refused resume leaves the run as it was: still resumable, not failed
+            results.update(previous, error=f"resume refused: {type(e).__name__}: {e}")
+        if hydra.mode != RunMode.MULTIRUN:
+            raise
+        log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir)
     except SystemExit:  # submitit requeued the job after last.pt was saved
         results.update(status="interrupted", error="requeued by submitit; it resumes from checkpoints/last.pt")
         raise

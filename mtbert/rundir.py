@@ -132,46 +132,90 @@ class CheckpointError(RuntimeError):
     pass
 
 
+MARK = b"\nmtbert-sha256:"  # the trailer: MARK + 64 hex digits of the SHA-256 of what precedes it
+
+
 def save_checkpoint(state: dict, path: Path):
-    """Write `state` atomically beside a SHA-256 of its bytes; the previous checkpoint is
-    kept as `<name>.prev.pt` so a damaged file always has a good one to fall back on."""
+    """Write `state` as `path` so that a kill at any point leaves the newest complete
+    checkpoint loadable. Each file carries its own SHA-256, so data and digest move
+    together. The new state is written and synced as `<name>.next.pt`; the current
+    `<name>.pt` becomes `<name>.prev.pt`; `<name>.next.pt` becomes `<name>.pt`. A file
+    found damaged is moved aside when loaded, so it is never kept as the fallback."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
     data = buffer.getvalue()
     path.parent.mkdir(parents=True, exist_ok=True)
+    following = _sibling(path, "next")
+    with atomic(following) as tmp:
+        tmp.write_bytes(data + MARK + hashlib.sha256(data).hexdigest().encode())
     if path.exists():
-        os.replace(path, _previous(path))
-        if _digest_file(path).exists():
-            os.replace(_digest_file(path), _digest_file(_previous(path)))
-    with atomic(path) as tmp:
-        tmp.write_bytes(data)
-    _digest_file(path).write_text(hashlib.sha256(data).hexdigest())
+        os.replace(path, _sibling(path, "prev"))
+    os.replace(following, path)
+    for old in (path, _sibling(path, "prev")):  # digests beside older checkpoints: now inside
+        _legacy_digest(old).unlink(missing_ok=True)
+    _sync_folder(path.parent)
+
+
+def checkpoint_exists(path: Path) -> bool:
+    return any(c.exists() for c in _candidates(path))
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint (tensors and plain data only: no pickled code runs), verifying its
-    digest; a missing, truncated or corrupt file falls back to the previous one."""
+    """Load the newest usable of `<name>.next.pt` (left by a save that was cut short),
+    `<name>.pt` and `<name>.prev.pt`, verifying each one's digest (tensors and plain data
+    only: no pickled code runs). A damaged file is renamed `*.corrupt` and named in the log."""
     errors = []
-    for candidate in (path, _previous(path)):
+    for candidate in _candidates(path):
+        if not candidate.exists():
+            continue
         try:
-            data = candidate.read_bytes()
-            digest = _digest_file(candidate)
-            if not digest.exists() or digest.read_text().strip() != hashlib.sha256(data).hexdigest():
-                raise CheckpointError("its SHA-256 does not match (truncated or corrupt)")
-            state = torch.load(io.BytesIO(data), weights_only=True)
+            state = torch.load(io.BytesIO(_verified_bytes(candidate)), weights_only=True)
         except Exception as e:
-            errors.append(f"{candidate}: {e}")
+            errors.append(f"{candidate.name}: {e}")
+            os.replace(candidate, candidate.with_name(candidate.name + ".corrupt"))
             continue
         if errors:
-            log.error("checkpoint %s is unusable (%s); resuming from %s", path, errors[0], candidate)
+            log.error("checkpoint(s) unusable, moved aside as *.corrupt (%s); resuming from %s",
+                      "; ".join(errors), candidate)
+        else:
+            log.info("loaded %s", candidate)
         return state
+    if not errors:
+        raise CheckpointError(f"no checkpoint in {path.parent} ({path.name}, its .next and .prev are all "
+                              "missing): the run cannot resume. Start it afresh in a new directory.")
     raise CheckpointError("no usable checkpoint: " + "; ".join(errors) +
-                          ". Delete the checkpoints/ folder to start the run afresh.")
+                          f". Delete {path.parent} to start the run afresh.")
 
 
-def _previous(path: Path) -> Path:
-    return path.with_name(path.stem + ".prev" + path.suffix)
+def _verified_bytes(path: Path) -> bytes:
+    data = path.read_bytes()
+    if data[-64 - len(MARK):-64] == MARK:
+        data, digest = data[:-64 - len(MARK)], data[-64:]
+    elif _legacy_digest(path).exists():  # written by an older mtbert: the digest beside it
+        digest = _legacy_digest(path).read_bytes().strip()
+    else:
+        raise CheckpointError("it has no SHA-256 (truncated, or not an mtbert checkpoint)")
+    if hashlib.sha256(data).hexdigest().encode() != digest:
+        raise CheckpointError("its SHA-256 does not match (truncated or corrupt)")
+    return data
 
 
-def _digest_file(path: Path) -> Path:
+def _candidates(path: Path) -> list[Path]:
+    return [_sibling(path, "next"), path, _sibling(path, "prev")]
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.with_name(f"{path.stem}.{kind}{path.suffix}")
+
+
+def _legacy_digest(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
+
+
+def _sync_folder(folder: Path):
+    """Make the renames in `folder` durable (a power loss, not only a kill)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

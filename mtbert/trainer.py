@@ -29,7 +29,7 @@ from mtbert.diagnostics import conflict_summary, plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
-from mtbert.rundir import RunDir, load_checkpoint
+from mtbert.rundir import RunDir, checkpoint_exists, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,12 @@ def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tu
 
 
 class Interrupted(Exception):
-    """Training stopped by a signal after saving `checkpoints/last.pt`."""
+    """The run stopped by a signal (after saving `checkpoints/last.pt`, once training has
+    begun); `results` holds what it had reached."""
+
+    def __init__(self, message: str, results: dict | None = None):
+        super().__init__(message)
+        self.results = results or {}
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -354,7 +359,8 @@ class Trainer:
                     if stopping:
                         self.after_save()
                         raise Interrupted(f"stopped by {self.signal or 'another rank'} at step {self.step}; "
-                                          f"resume with: python train.py resume={self.run.path}")
+                                          f"resume with: python train.py resume={self.run.path}",
+                                          self.results())
                     if timed_out and not done:
                         log.info("trainer.max_seconds=%s reached at step %d", tcfg.max_seconds, self.step)
                     if done:
@@ -364,13 +370,18 @@ class Trainer:
                     self.epoch_start = self.step
                     continue
                 break
-        if self.last_eval != self.step:
-            self.evaluate()
-        self.elapsed += time.perf_counter() - start
-        self.save_last()
+            if self.last_eval != self.step:  # a signal now waits for the final save
+                self.evaluate()
+            self.elapsed += time.perf_counter() - start
+            self.save_last()
         if self.grad_every:
             plot_grad_conflict(self.run.path)
             conflict_summary(self.run.path)
+        return self.results()
+
+    def results(self) -> dict:
+        """The results.json fields the loop owns, as far as it has come."""
+        s = self.setup
         return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "train_seconds": self.elapsed,
@@ -436,6 +447,8 @@ class Trainer:
             "streams": {t: stream.state_dict() for t, stream in self.streams.items()},
             "sampler": s.sampler.state_dict(),
             "gradient": s.gradient.state_dict(),
+            "data": {t: {split: {k: f[k] for k in ("path", "sha256")} for split, f in splits.items()}
+                     for t, splits in s.files.items()},
             "rng": {"draws": self.draws.get_state(), "epoch_draws": self.epoch_draws,
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
@@ -467,12 +480,34 @@ class Trainer:
     def resume(self, path: Path):
         state = load_checkpoint(path)
         saved = OmegaConf.create(state["config"])
-        changed = sorted(k for k in config_diff(saved, self.cfg) if k != "resume")
+        changed = sorted(k for k in config_diff(saved, self.cfg) if k not in ("resume", "data.root"))
         if changed:
             raise ConfigError(f"{path} was written with another config (differs at {changed}); "
                               "resume with the original run's overrides")
+        self.check_same_data(state.get("data", {}))  # older checkpoints did not record it
         self.load_state_dict(state)
-        log.info("resumed from %s at step %d of %d", path, self.step, self.total_steps)
+        log.info("resumed at step %d of %d", self.step, self.total_steps)
+
+    def check_same_data(self, saved: dict):
+        """A resumed run trains on the files it started with: same contents (SHA-256), or it
+        refuses, naming the files; the same contents in another folder are fine, and logged."""
+        now = self.setup.files
+        changed = []
+        for task, splits in saved.items():
+            for split, before in splits.items():
+                after = now.get(task, {}).get(split)
+                if after is None or after["sha256"] != before["sha256"]:
+                    changed.append(f"{task} {split} was {before['path']} (SHA-256 {before['sha256'][:12]}), now "
+                                   + (f"{after['path']} ({after['sha256'][:12]})" if after else "not read"))
+        if changed:
+            raise DataError("the run would resume on other data than it started on: " + "; ".join(changed)
+                            + ". Resume with the data it was trained on: python train.py resume=RUN_DIR "
+                            "data.root=FOLDER")
+        moved = sorted({str(Path(f["path"]).parent) for splits in saved.values() for f in splits.values()}
+                       - {str(Path(f["path"]).parent) for splits in now.values() for f in splits.values()})
+        if moved:
+            log.warning("resuming on the same files (same SHA-256) in another folder: %s, was %s",
+                        self.cfg.data.root, ", ".join(moved))
 
 
 @contextlib.contextmanager
@@ -526,6 +561,6 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
     (a resumed or requeued run); returns the results.json fields it owns."""
     trainer = Trainer(cfg, run)
     last = run.checkpoints / "last.pt"
-    if last.exists() or last.with_name("last.prev.pt").exists():
+    if checkpoint_exists(last) or cfg.resume:  # an explicit resume without one is an error
         trainer.resume(last)
     return trainer.fit()
