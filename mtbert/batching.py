@@ -77,9 +77,13 @@ def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
         "labels": torch.tensor(split.labels, dtype=torch.float32) if split.labels else None,
     }
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic(path) as tmp:
-            torch.save(stored, tmp)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic(path) as tmp:
+                torch.save(stored, tmp)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+            log.warning("cannot write the token cache %s (%s): kept in memory only; set "
+                        "data.cache_dir (or MTBERT_CACHE_DIR) to a writable folder", path, e)
     return Encoded(**stored, pairs=siamese)
 
 

@@ -46,7 +46,11 @@ def score(task: Task, predictions: torch.Tensor, labels: torch.Tensor) -> float 
         why = "fewer than 2 examples" if len(predictions) < 2 else "constant predictions"
         log.warning("%s: %s, Pearson r is undefined (recorded as null)", task.name, why)
         return None
-    return float(pearsonr(predictions.numpy(), labels.numpy()).statistic)
+    r = float(pearsonr(predictions.numpy(), labels.numpy()).statistic)
+    if not math.isfinite(r):  # non-finite predictions
+        log.warning("%s: Pearson r is not finite (recorded as null)", task.name)
+        return None
+    return r
 
 
 def summarize(metrics: dict[str, float | None]) -> dict[str, float | None]:
@@ -75,7 +79,7 @@ def format_metrics(metrics: dict) -> str:
 def format_table(metrics: dict | None) -> str:
     """The dev scores as a small aligned table for the terminal."""
     if not metrics:
-        return "no dev scores (the run did not reach an evaluation)"
+        return "no dev scores (the run did not complete an evaluation)"
     width = max(len(k) for k in metrics)
     rows = [f"{'dev metric':<{width}}  score", f"{'-' * width}  -----"]
     rows += [f"{k:<{width}}  {v:.4f}" if v is not None else f"{k:<{width}}  n/a"

@@ -133,6 +133,9 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
                 notes.append(f"seed {j.seed} ran twice ({done[j.seed].path}, {j.path}): the first is used")
             else:
                 done[j.seed] = j
+                if j.results.get("skipped_steps"):
+                    notes.append(f"seed {j.seed} skipped {j.results['skipped_steps']} of "
+                                 f"{j.results['steps']} steps (non-finite loss)")
         notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
         alone = single_task(group)
         if alone:

@@ -42,6 +42,9 @@ def atomic(path: Path):
             os.fsync(fd)
         finally:
             os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as any new file, whatever mode the writer gave it
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -119,6 +119,9 @@ class Setup:
         weights = dict(cfg.loss.get("weights") or {})
         check_task_names(weights, self.tasks, "loss.weights")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}
+        bad = {t: w for t, w in self.weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ConfigError(f"loss.weights must be finite and >= 0, got {bad}")
         self.schedule = instantiate(cfg.schedule, _convert_="all")
         self.gradient = instantiate(cfg.optim.gradient, _convert_="all", seed=cfg.seed)
         self.device = resolve_device(cfg.trainer.device)
@@ -289,6 +292,10 @@ class Trainer:
                 bad = [t for t, ok in zip(losses, finite.tolist()) if not ok] or "another rank's batch"
                 log.warning("step %d: non-finite loss for %s, batch skipped", self.step, bad)
                 self.skipped += 1
+                if self.skipped > self.tcfg.get("max_skipped", 0.1) * self.total_steps:
+                    raise NonFiniteLoss(f"{self.skipped} steps skipped for non-finite losses, more than "
+                                        f"trainer.max_skipped={self.tcfg.get('max_skipped', 0.1)} of the run's "
+                                        f"{self.total_steps}; lower the learning rates")
                 with warnings.catch_warnings():  # torch warns if no optimizer step came yet: none is meant
                     warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
                     self.scheduler.step()  # the step is spent: the LR schedule keeps to the step count

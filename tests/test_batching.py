@@ -107,3 +107,12 @@ def _data():
 
     from conftest import write_cs224n
     return write_cs224n(Path(tempfile.mkdtemp()) / "d") / "ids-sst-train.csv"
+
+
+def test_an_unwritable_token_cache_falls_back_to_memory_naming_the_path(data_dir, tmp_path, caplog):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder should be")
+    rows = read_split(SST, data_dir / "ids-sst-train.csv", RejectedRows(), labelled=True)
+    enc = encode(rows, TOKENIZER, 32, cache_dir=blocked / "cache")
+    assert len(enc) == 60
+    assert f"cannot write the token cache {blocked / 'cache'}" in caplog.text and "kept in memory only" in caplog.text

@@ -70,6 +70,8 @@ def test_data_root_from_environment(monkeypatch):
      "loss.objectives.sts: CrossEntropy needs a classification task"),
     ("~data.tasks.sts.files.dev", ConfigError, "data.tasks.sts.files has no dev file"),
     ("trainer.evals_per_epoch=0", ConfigError, "trainer.evals_per_epoch must be at least 1"),
+    ("loss.weights.sts=inf", ConfigError, r"loss.weights must be finite and >= 0, got \{'sts': inf\}"),
+    ("loss.weights.sst=nan", ConfigError, "loss.weights must be finite and >= 0"),
     ("trainer.eval_every_steps=-2", ConfigError, "trainer.eval_every_steps must be at least 1"),
 ])
 def test_bad_values_name_their_key(override, error, message, data_dir, tmp_path):

@@ -44,6 +44,8 @@ def test_report_on_synthetic_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     fake_job(sweep / "0", "rr_over", 0, dev=dev(0.40, 0.70, 0.80))
     fake_job(sweep / "1", "rr_over", 1, dev=dev(0.44, 0.74, 0.86))
+    results = json.loads((sweep / "1" / "results.json").read_text())
+    (sweep / "1" / "results.json").write_text(json.dumps({**results, "skipped_steps": 3}))
     fake_job(sweep / "2", "rr_over", 2, status="failed")
     fake_job(sweep / "3", "rr_under", 0, dev=dev(0.30, 0.60, 0.50))
     fake_job(sweep / "4", "rr_under", 2, status=None)  # seed 1 never ran, seed 2 has no results
@@ -55,6 +57,7 @@ def test_report_on_synthetic_sweep(tmp_path):
     low, high = scipy_stats.t.interval(0.95, 1, statistics.fmean(sst), scipy_stats.sem(sst))
     assert f"{statistics.fmean(sst):.3f} [{low:.3f}, {high:.3f}] ({PAPER['rr_over'][0]:.3f})" in over
     assert "| 2/3 |" in over and "seed 2 failed: RuntimeError: boom second line" in over
+    assert "seed 1 skipped 3 of 100 steps (non-finite loss)" in over
     assert "| 1/2 |" in under and "seed 2 missing" in under and "seed 1 missing" in under
     rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "out" / "table.csv"))}
     assert float(rows["rr_over"]["para_acc"]) == pytest.approx(0.72)

@@ -114,7 +114,7 @@ def test_non_finite_loss_names_task_and_step(tmp_path, data_dir):
 
 
 def test_non_finite_loss_skip_leaves_parameters_alone(tmp_path, data_dir):
-    t = trainer(tmp_path, data_dir, "trainer.on_nonfinite=skip", "trainer.epochs=1")
+    t = trainer(tmp_path, data_dir, "trainer.on_nonfinite=skip", "trainer.epochs=1", "trainer.max_skipped=1")
     with torch.no_grad():
         t.setup.model.heads["sts"].projection.weight[0, 0] = math.inf
     before = {k: v.clone() for k, v in t.setup.model.encoder.state_dict().items()}
@@ -123,6 +123,14 @@ def test_non_finite_loss_skip_leaves_parameters_alone(tmp_path, data_dir):
     assert t.scheduler.last_epoch == 5, "skipped steps count in the LR schedule"
     after = t.setup.model.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_too_many_skipped_steps_stop_the_run(tmp_path, data_dir):
+    t = trainer(tmp_path, data_dir, "trainer.on_nonfinite=skip", "trainer.epochs=1")  # max_skipped 0.1 of 5 steps
+    with torch.no_grad():
+        t.setup.model.heads["sts"].projection.weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteLoss, match=r"1 steps skipped for non-finite losses, more than trainer.max_skipped=0.1"):
+        t.fit()
 
 
 def test_best_evaluation_counts_an_undefined_pearson_as_zero(tmp_path, data_dir, monkeypatch):

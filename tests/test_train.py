@@ -63,6 +63,8 @@ def test_milestone_baseline_trains_sst_only_and_evaluates_all(tmp_path, data_dir
     assert (sst_train["rows"], sst_train["kept"], sst_train["skipped"]) == (60, 40, 0)
     assert sst_train["path"] == str((data_dir / "ids-sst-train.csv").resolve()) and len(sst_train["sha256"]) == 64
     assert set(results["data"]) == {"sst", "para", "sts"} and set(results["data"]["para"]) == {"dev"}
+    mode = (run_dir / "metrics.jsonl").stat().st_mode & 0o777
+    assert all(f.stat().st_mode & 0o777 == mode for f in (run_dir / "checkpoints").iterdir()), "no odd modes"
     assert all(results["dev"][k] is not None for k in ("sst_acc", "para_acc", "sts_pearson"))
 
 
