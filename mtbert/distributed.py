@@ -81,3 +81,12 @@ def broadcast_object(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(value) -> list:
+    """Every rank's value, in rank order, on every rank (each rank's RNG state, say)."""
+    if world_size() == 1:
+        return [value]
+    out = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out

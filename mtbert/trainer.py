@@ -456,9 +456,11 @@ class Trainer:
             "gradient": s.gradient.state_dict(),
             "data": {t: {split: {k: f[k] for k in ("path", "sha256")} for split, f in splits.items()}
                      for t, splits in s.files.items()},
+            # every rank's generators: each draws its own dropout masks
             "rng": {"draws": self.draws.get_state(), "epoch_draws": self.epoch_draws,
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                    "torch": distributed.gather_object(torch.get_rng_state()),
+                    "cuda": distributed.gather_object(
+                        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])},
         }
 
     def load_state_dict(self, state: dict):
@@ -476,9 +478,15 @@ class Trainer:
         s.gradient.load_state_dict(state["gradient"])
         self.draws.set_state(state["rng"]["draws"])
         self.epoch_draws = state["rng"]["epoch_draws"]
-        torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch_rng, cuda_rng = state["rng"]["torch"], state["rng"]["cuda"]
+        if isinstance(torch_rng, torch.Tensor):  # saved before every rank's state was kept
+            torch_rng, cuda_rng = [torch_rng] * distributed.world_size(), [cuda_rng] * distributed.world_size()
+        if len(torch_rng) != distributed.world_size():
+            raise ConfigError(f"the run was saved with {len(torch_rng)} process(es); resume it with as many "
+                              f"(now {distributed.world_size()})")
+        torch.set_rng_state(torch_rng[distributed.rank()])
+        if cuda_rng[distributed.rank()]:
+            torch.cuda.set_rng_state_all(cuda_rng[distributed.rank()])
 
     def save_last(self):
         self.nonfinite.check()
