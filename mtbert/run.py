@@ -56,6 +56,15 @@ def stop_outside_training(signum, frame):
                       "(during setup or the last writes)")
 
 
+def quiet_rank():
+    """Ranks other than 0 log warnings only, and never into rank 0's train.log."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+    root.setLevel(logging.WARNING)
+
+
 def main(cfg: DictConfig) -> dict:
     hydra = HydraConfig.get()
     experiment = hydra.runtime.choices.get("experiment")
@@ -84,6 +93,7 @@ def main(cfg: DictConfig) -> dict:
             run.sinks.append(logger)
         else:
             run = ReadOnlyRunDir(output_dir)
+            quiet_rank()
         logger.start(cfg, run.path)
         results.update(train(cfg, run), status="completed")
     except Interrupted as e:

@@ -39,6 +39,8 @@ def test_two_ranks_equal_one_process(optim, tmp_path, data_dir):
     run_train(*EXACT, f"optim={optim}", f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
     proc = torchrun(*EXACT, f"optim={optim}", f"hydra.run.dir={two}", cwd=tmp_path, data=data_dir)
     assert proc.stdout.count("run directory:") == 1, "only rank 0 reports"
+    log = (two / "train.log").read_text()
+    assert log.count("eval at step 4") == 1 and log.count("training sst+para+sts") == 1, "rank 0 logs, once"
     a = load_checkpoint(one / "checkpoints" / "last.pt")
     b = load_checkpoint(two / "checkpoints" / "last.pt")
     assert a["loop"]["step"] == b["loop"]["step"] == 4
