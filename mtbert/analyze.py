@@ -23,32 +23,19 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 from scipy import stats
 
 from mtbert.batching import encode
 from mtbert.data import DataError, RejectedRows, Split, Task, read_split
-from mtbert.device import resolve_device, resolve_precision
 from mtbert.evaluate import predict
-from mtbert.rundir import load_model_weights
-from mtbert.trainer import build_network, row_limit
+from mtbert.predict import load_best
+from mtbert.trainer import row_limit
 
 LENGTH_BINS = 5  # sentence-length bins, by quantile of the dev set's lengths
 
 
 def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str | None = None) -> Path:
-    config, checkpoint = run_dir / ".hydra" / "config.yaml", run_dir / "checkpoints" / "best.safetensors"
-    for path in (config, checkpoint):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: is {run_dir} a finished mtbert run directory?")
-    cfg = OmegaConf.load(config)
-    if data_root:
-        cfg.data.root = data_root
-    tasks, objectives, model, tokenizer = build_network(cfg)
-    load_model_weights(model, checkpoint)
-    dev = resolve_device(device)
-    model.to(dev)
-    precision = resolve_precision(cfg.trainer.precision, dev)
+    cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files."]

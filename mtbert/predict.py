@@ -14,8 +14,10 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 
 from mtbert.batching import encode
 from mtbert.data import RejectedRows, read_split
@@ -27,8 +29,21 @@ from mtbert.trainer import build_network
 log = logging.getLogger("mtbert.predict")
 
 
-def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
-                      device: str = "auto", data_root: str | None = None) -> list[Path]:
+class Best(NamedTuple):
+    """A finished run's best model, ready to predict, with what it needs."""
+
+    cfg: DictConfig
+    tasks: dict
+    objectives: dict
+    model: torch.nn.Module
+    tokenizer: object
+    device: torch.device
+    precision: str
+
+
+def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None) -> Best:
+    """The run's config and `checkpoints/best.safetensors` on `device`; `data_root`
+    replaces the run's data.root."""
     config = run_dir / ".hydra" / "config.yaml"
     checkpoint = run_dir / "checkpoints" / "best.safetensors"
     for path in (config, checkpoint):
@@ -40,8 +55,13 @@ def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = 
     tasks, objectives, model, tokenizer = build_network(cfg)
     load_model_weights(model, checkpoint)
     dev = resolve_device(device)
-    precision = resolve_precision(cfg.trainer.precision, dev)
     model.to(dev)
+    return Best(cfg, tasks, objectives, model, tokenizer, dev, resolve_precision(cfg.trainer.precision, dev))
+
+
+def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
+                      device: str = "auto", data_root: str | None = None) -> list[Path]:
+    cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
     out = out or run_dir / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     written = []

@@ -481,7 +481,7 @@ def claims_markdown(path: Path, rows: list[dict], keys: list[str]) -> str:
     text = claims_module.markdown(claims_module.judge(relevant, values)) if relevant else ""
     others = [c.text for c in claims if c not in relevant]
     if others:
-        text += ("\n" if text else "") + f"- Not tested here (none of their rows is in this report): " + "; ".join(others) + "."
+        text += ("\n" if text else "") + "- Not tested here (none of their rows is in this report): " + "; ".join(others) + "."
     return f"From {path.name}; p-values Holm-corrected across the checks of the claims tested.\n\n" + text
 
 

@@ -89,6 +89,8 @@ def main(cfg: DictConfig) -> dict:
         data_files(cfg)  # a missing data file is reported before W&B and the model load
         if rank == 0:
             run = RunDir(output_dir)
+            if previous is None:  # a record from the start: a killed run says `running`
+                run.write_results({**results, "status": "running"})
             logger = instantiate(cfg.logger)
             run.sinks.append(logger)
         else:

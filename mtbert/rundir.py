@@ -72,6 +72,21 @@ class RunDir:
         self.sinks = sinks or []  # loggers that receive every event too (W&B)
         self._metrics = open(self.path / "metrics.jsonl", "a")
 
+    def rewind(self, step: int):
+        """Keep only the events up to `step` (the checkpoint a run resumes from; -1 for a
+        run that starts afresh), so that steps trained again after a kill are not logged
+        twice. Events of a killed attempt beyond its last checkpoint are dropped."""
+        self._metrics.close()
+        path = self.path / "metrics.jsonl"
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            log.warning("metrics.jsonl: dropped %d event(s) after step %d, from an attempt that "
+                        "ended past its last checkpoint", len(lines) - len(kept), step)
+            with atomic(path) as tmp:
+                tmp.write_text("".join(kept))
+        self._metrics = open(path, "a")
+
     def event(self, event: str, step: int, **fields):
         record = _finite({"step": step, "event": event, **fields})
         self._metrics.write(json.dumps(record) + "\n")
@@ -111,6 +126,9 @@ class ReadOnlyRunDir(RunDir):
         pass
 
     def write_results(self, results: dict):
+        pass
+
+    def rewind(self, step: int):
         pass
 
     def write_rejected(self, rejected):

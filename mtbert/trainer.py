@@ -579,4 +579,5 @@ def train(cfg: DictConfig, run: RunDir) -> dict:
     last = run.checkpoints / "last.pt"
     if checkpoint_exists(last) or cfg.resume:  # an explicit resume without one is an error
         trainer.resume(last)
+    run.rewind(trainer.step if trainer.step else -1)
     return trainer.fit()

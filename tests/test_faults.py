@@ -165,3 +165,32 @@ def test_resume_with_every_checkpoint_deleted_refuses(tmp_path, data_dir):
     proc = run_train(f"resume={run_dir}", cwd=tmp_path, data=data_dir, check=False)
     assert proc.returncode != 0 and "the run cannot resume" in proc.stderr
     assert read_results(run_dir)["status"] == "interrupted"
+
+
+def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
+    """With a checkpoint every step, a run killed outright resumes from its last one, ends
+    bit-identical to a run never stopped, and logs no step twice."""
+    every_step = (*RUN, "trainer.checkpoint_every_seconds=0", "trainer.log_every_seconds=0")
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    run_train(*every_step, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *every_step, f"hydra.run.dir={killed}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 4 for line in metrics.read_text().splitlines()):
+            proc.kill()
+            break
+        time.sleep(0.005)
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert read_results(killed)["status"] == "running", "the record a killed run leaves"
+    run_train(f"resume={killed}", cwd=tmp_path, data=data_dir)
+    a, b = (load_checkpoint(r / "checkpoints" / "last.pt") for r in (whole, killed))
+    assert a["loop"]["step"] == b["loop"]["step"] and read_results(killed)["status"] == "completed"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "bit-identical"
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train"]
+    assert steps == sorted(set(steps)), "no step logged twice"
+    assert read_results(killed)["dev"] == read_results(whole)["dev"]

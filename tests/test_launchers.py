@@ -42,7 +42,7 @@ def test_submitit_local_sweep_requeued_job_resumes_in_its_directory(tmp_path, da
     try:
         while not signalled and proc.poll() is None and time.time() < deadline:
             metrics = job / "metrics.jsonl"
-            if metrics.exists() and not (job / "results.json").exists() and any(
+            if metrics.exists() and read_results(job)["status"] == "running" and any(
                     json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
                 # the job's id is its local controller's pid; the job runs in that one's child
                 controller = int(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.id)
@@ -60,7 +60,8 @@ def test_submitit_local_sweep_requeued_job_resumes_in_its_directory(tmp_path, da
     requeued, uninterrupted = read_results(sweep / "0"), read_results(sweep / "1")
     assert requeued["status"] == uninterrupted["status"] == "completed"
     log = (sweep / "0" / "train.log").read_text()
-    assert "Requeued job" in log and f"resumed from {sweep / '0' / 'checkpoints' / 'last.pt'}" in log
+    assert "Requeued job" in log and f"loaded {sweep / '0' / 'checkpoints' / 'last.pt'}" in log
+    assert "resumed at step" in log
     assert "resumed" not in (sweep / "1" / "train.log").read_text()
     for key in ("dev", "steps", "examples_seen", "best_step"):
         assert requeued[key] == uninterrupted[key], key

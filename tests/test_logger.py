@@ -176,11 +176,15 @@ def test_multirun_without_api_key_is_offline_and_grouped(wandb_env, data_dir):
 
 def test_failed_run_is_finished_failed(wandb_env, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    proc = train("hydra.run.dir=run", "sampler.tasks=[imdb]", cwd=wandb_env, data=data_dir, check=False)
+    proc = train("hydra.run.dir=run", "optim.lr.encoder=0", cwd=wandb_env, data=data_dir, check=False)
     assert proc.returncode != 0
     [run] = offline_runs(wandb_env / "run")
     assert run["exit_code"] == 1
     assert run["summary"]["results"]["status"] == "failed" == read_results(wandb_env / "run")["status"]
+    # a bad task name or data folder is caught before W&B starts: no W&B run at all
+    proc = train("hydra.run.dir=early", "sampler.tasks=[imdb]", cwd=wandb_env, data=data_dir, check=False)
+    assert proc.returncode != 0 and read_results(wandb_env / "early")["status"] == "failed"
+    assert not (wandb_env / "early" / "wandb").exists()
 
 
 def test_online_without_network_falls_back_to_offline(wandb_env, data_dir, monkeypatch):
