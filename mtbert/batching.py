@@ -87,15 +87,21 @@ def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
     return Encoded(**stored, pairs=siamese)
 
 
-def _cache_key(split: Split, tokenizer, max_length: int, siamese: bool) -> str:
-    h = hashlib.sha256()
+def tokenizer_digest(tokenizer) -> str:
+    """SHA-256 of the tokenizer's definition (vocabulary, normalizer, ...): what a run
+    records to resume with the same tokens, and part of the cache key."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise TypeError("mtbert needs a fast (tokenizers-backed) tokenizer")
     definition = json.loads(backend.to_str())
     definition.pop("truncation", None)  # per-call settings, changed by every call
     definition.pop("padding", None)
-    h.update(json.dumps(definition, sort_keys=True).encode())
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+
+
+def _cache_key(split: Split, tokenizer, max_length: int, siamese: bool) -> str:
+    h = hashlib.sha256()
+    h.update(tokenizer_digest(tokenizer).encode())
     h.update(json.dumps([max_length, siamese, split.task.is_pair, split.labels is not None]).encode())
     for column in split.texts:
         h.update("\x1f".join(column).encode())

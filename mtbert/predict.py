@@ -11,6 +11,7 @@ is missing (there is no quora-test-student.csv) is skipped with a message.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -62,6 +63,8 @@ def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None)
 def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
                       device: str = "auto", data_root: str | None = None) -> list[Path]:
     cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
+    results = run_dir / "results.json"
+    recorded = (json.loads(results.read_text()).get("data") or {}) if results.is_file() else {}
     out = out or run_dir / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -81,6 +84,11 @@ def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = 
                 continue
             rejected = RejectedRows("skip")
             rows = read_split(task, path, rejected, labelled=False)
+            trained_on = recorded.get(name, {}).get(split, {}).get("sha256")
+            if trained_on and trained_on != rows.counts["sha256"]:
+                raise ValueError(f"{name} {split}: {path} is not the file the run evaluated "
+                                 f"(SHA-256 {rows.counts['sha256'][:12]}, was {trained_on[:12]}); pass "
+                                 "--data-root with the run's data")
             enc = encode(rows, tokenizer, cfg.data.max_length,
                          model.encodings[name] == "siamese", cfg.data.cache_dir)
             values = predict(model, task, objectives[name], enc, dev, precision)

@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
-from mtbert.batching import Batch, TaskStream, encode
+from mtbert.batching import Batch, TaskStream, encode, tokenizer_digest
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split, read_text
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
@@ -116,6 +116,7 @@ class Setup:
             raise ConfigError(str(e)) from None
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
+        self.tokenizer_digest = tokenizer_digest(self.tokenizer)
         weights = dict(cfg.loss.get("weights") or {})
         check_task_names(weights, self.tasks, "loss.weights")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}
@@ -392,7 +393,8 @@ class Trainer:
         return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "train_seconds": self.elapsed,
-                "device": s.device.type, "precision": s.precision, "data": s.files}
+                "device": s.device.type, "precision": s.precision, "data": s.files,
+                "tokenizer": s.tokenizer_digest}
 
     def eval_due(self) -> bool:
         """Every `trainer.eval_every_steps` steps when set (the same points for every
@@ -457,6 +459,7 @@ class Trainer:
             "gradient": s.gradient.state_dict(),
             "data": {t: {split: {k: f[k] for k in ("path", "sha256")} for split, f in splits.items()}
                      for t, splits in s.files.items()},
+            "tokenizer": s.tokenizer_digest,
             # every rank's generators: each draws its own dropout masks
             "rng": {"draws": self.draws.get_state(), "epoch_draws": self.epoch_draws,
                     "torch": distributed.gather_object(torch.get_rng_state()),
@@ -501,6 +504,9 @@ class Trainer:
             raise ConfigError(f"{path} was written with another config (differs at {changed}); "
                               "resume with the original run's overrides")
         self.check_same_data(state.get("data", {}))  # older checkpoints did not record it
+        if state.get("tokenizer", self.setup.tokenizer_digest) != self.setup.tokenizer_digest:
+            raise ConfigError(f"{path} was trained with another tokenizer than {self.cfg.model.source} "
+                              "gives now (its vocabulary or settings changed): resume with the same one")
         self.load_state_dict(state)
         log.info("resumed at step %d of %d", self.step, self.total_steps)
 

@@ -194,3 +194,18 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, data
              if json.loads(line)["event"] == "train"]
     assert steps == sorted(set(steps)), "no step logged twice"
     assert read_results(killed)["dev"] == read_results(whole)["dev"]
+
+
+def test_resume_with_another_tokenizer_refuses(tmp_path, data_dir):
+    from hydra import compose, initialize_config_dir
+
+    from mtbert.rundir import RunDir
+    from mtbert.trainer import ConfigError, Trainer
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[*RUN, f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c"])
+    first = Trainer(cfg, RunDir(tmp_path / "run"))
+    state = first.state_dict()
+    assert state["tokenizer"] == first.setup.tokenizer_digest and len(state["tokenizer"]) == 64
+    save_checkpoint({**state, "tokenizer": "0" * 64}, tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match="trained with another tokenizer"):
+        Trainer(cfg, RunDir(tmp_path / "run")).resume(tmp_path / "last.pt")

@@ -120,6 +120,11 @@ def test_predict_writes_cs224n_files(tmp_path, data_dir):
     moved = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir), "--data-root", str(tmp_path / "gone")],
                            capture_output=True, text=True, cwd=tmp_path)
     assert moved.returncode == 1 and f"data.root {tmp_path / 'gone'} of {run_dir} is not a folder" in moved.stderr
+    sst_dev = data_dir / "ids-sst-dev.csv"
+    sst_dev.write_text(sst_dev.read_text() + "60\tfeedbeef\tanother film .\t2\n")
+    changed = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir)], capture_output=True, text=True,
+                             cwd=tmp_path, env={**__import__("os").environ, "MTBERT_DATA_DIR": str(data_dir)})
+    assert changed.returncode == 1 and "sst dev: " in changed.stderr and "is not the file the run evaluated" in changed.stderr
     out = run_dir / "predictions"
     assert sorted(p.name for p in out.iterdir()) == [
         "para-dev-output.csv", "sst-dev-output.csv", "sst-test-output.csv",
