@@ -38,7 +38,7 @@ def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str |
     cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
-    summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files."]
+    summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files.", ""]
     for name, task in tasks.items():
         rows = read_split(task, Path(cfg.data.root).expanduser() / task.files["dev"], RejectedRows("skip"),
                           labelled=True, limit=row_limit(cfg.data.limit.dev, name))  # the run's dev rows
