@@ -42,8 +42,8 @@ def test_submitit_local_sweep_requeued_job_resumes_in_its_directory(tmp_path, da
     try:
         while not signalled and proc.poll() is None and time.time() < deadline:
             metrics = job / "metrics.jsonl"
-            if metrics.exists() and read_results(job)["status"] == "running" and any(
-                    json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()):
+            if metrics.exists() and any(json.loads(line)["step"] >= 3 for line in metrics.read_text().splitlines()) \
+                    and read_results(job)["status"] == "running":
                 # the job's id is its local controller's pid; the job runs in that one's child
                 controller = int(OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.job.id)
                 for pid in children(controller):
