@@ -1,5 +1,6 @@
-"""The run directory contract (DESIGN.md): metrics.jsonl as training goes, results.json at
-the end (also on failure), checkpoints/ loadable without running pickled code."""
+"""The run directory contract (README, "What a run writes"): metrics.jsonl as training
+goes, results.json from the start to the end (also on failure), checkpoints/ loadable
+without running pickled code."""
 
 from __future__ import annotations
 
