@@ -2,6 +2,11 @@
 
 from omegaconf import OmegaConf
 
+from mtbert.threads import choose_wait_policy
+
+# before torch loads OpenMP: passive waiting when other processes keep the cores busy
+choose_wait_policy()
+
 # `resume=RUN_DIR` continues a run in its own directory; Hydra writes that job's record
 # to `.hydra-resume/` so the original `.hydra/` (the run's config) stays as it was.
 OmegaConf.register_new_resolver(

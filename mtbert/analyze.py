@@ -29,7 +29,7 @@ from mtbert.batching import encode
 from mtbert.data import DataError, RejectedRows, Split, Task, read_split
 from mtbert.evaluate import predict
 from mtbert.predict import load_best
-from mtbert.trainer import row_limit
+from mtbert.build import row_limit
 
 LENGTH_BINS = 5  # sentence-length bins, by quantile of the dev set's lengths
 

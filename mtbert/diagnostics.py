@@ -4,7 +4,8 @@
 
 The `grad` events that `diagnostics.grad_every` adds to metrics.jsonl hold the pairwise
 cosines of the task gradients on the shared parameters, their norms, under PCGrad the
-projections made, and how far the method's update is from the plain sum (`update`);
+projections made, how far the method's update is from the plain sum (`update`), the
+weights it gave the task gradients (`weights`) and the loss weighting's (`loss_weights`);
 `plot_grad_conflict` draws them over training and `conflict_summary` counts them by
 task pair and phase (encoder trained or frozen).
 """
@@ -29,24 +30,30 @@ def plot_grad_conflict(run_dir: Path, name: str = "grad_conflict.png") -> Path |
         return None
     projections = [(e["step"], e["projections"]) for e in events
                    if e.get("projections") is not None]
-    fig = Figure(figsize=(8, 8 if projections else 6), layout="constrained")
-    axes = fig.subplots(3 if projections else 2, 1, sharex=True)
-    for key, ax, label in (("cos", axes[0], "cosine of task gradients"),
-                           ("norm", axes[1], "task gradient norm")):
-        for series in sorted({k for e in events for k in e[key]}):
+    panels = [("cos", "cosine of task gradients"), ("norm", "task gradient norm"),
+              ("weights", "weight on task gradient\n(dashed: on task loss)")]
+    fig = Figure(figsize=(8, 2.4 * (len(panels) + bool(projections))), layout="constrained")
+    axes = fig.subplots(len(panels) + bool(projections), 1, sharex=True)
+    for (key, label), ax in zip(panels, axes):
+        for series in sorted({k for e in events for k in e.get(key) or {}}):
             # null: undefined (a zero gradient); a zero norm has no place on a log axis
-            points = [(e["step"], e[key][series]) for e in events
-                      if e[key].get(series) is not None and (key == "cos" or e[key][series] > 0)]
+            points = [(e["step"], e[key][series]) for e in events if (e.get(key) or {}).get(series) is not None
+                      and (key != "norm" or e[key][series] > 0)]
             if points:
-                ax.plot(*zip(*points), label=series, lw=1)
+                line, = ax.plot(*zip(*points), label=series, lw=1)
+                if key == "weights":  # the loss weighting's, where it has any
+                    loss_points = [(e["step"], e["loss_weights"][series]) for e in events
+                                   if (e.get("loss_weights") or {}).get(series) is not None]
+                    if loss_points:
+                        ax.plot(*zip(*loss_points), color=line.get_color(), ls="--", lw=1)
         ax.set_ylabel(label)
         if ax.lines:
             ax.legend(fontsize="small")
     axes[0].axhline(0, color="gray", lw=0.8, ls="--")
     axes[1].set_yscale("log")
     if projections:
-        axes[2].step(*zip(*projections), where="mid", color="black", lw=1)
-        axes[2].set_ylabel("PCGrad projections")
+        axes[-1].step(*zip(*projections), where="mid", color="black", lw=1)
+        axes[-1].set_ylabel("PCGrad projections")
     axes[-1].set_xlabel("optimizer step")
     fig.suptitle("Task-gradient conflict on the shared parameters")
     path = Path(run_dir) / name

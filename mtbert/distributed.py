@@ -65,6 +65,12 @@ def average_(tensors: list[torch.Tensor]):
         t.copy_(part.view_as(t))
 
 
+def broadcast_(tensor: torch.Tensor):
+    """Replace the tensor by rank 0's, in place."""
+    if world_size() > 1:
+        dist.broadcast(tensor, src=0)
+
+
 def any_(flag: bool) -> bool:
     """True on every rank if it is true on any: ranks must stop at the same step."""
     if world_size() == 1:

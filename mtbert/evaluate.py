@@ -63,6 +63,15 @@ def summarize(metrics: dict[str, float | None]) -> dict[str, float | None]:
     return {**metrics, "mean": (sst + para + sts) / 3, "overall": (sst + para + (sts + 1) / 2) / 3}
 
 
+def selection_score(metrics: dict[str, float | None]) -> float:
+    """What picks a run's best evaluation (its `dev` in results.json, best.safetensors):
+    the mean of every evaluated task's metric, the paper's `mean` for its three tasks,
+    and defined for any set of tasks. An undefined Pearson r (constant predictions)
+    counts as 0, not as absent."""
+    scores = [v or 0.0 for k, v in metrics.items() if k not in ("mean", "overall")]
+    return sum(scores) / len(scores)
+
+
 def evaluate(model, dev: dict[str, tuple[Task, Encoded]], objectives: dict[str, Objective],
              device, precision: str) -> dict[str, float | None]:
     metrics = {}

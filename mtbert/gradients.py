@@ -13,6 +13,7 @@ it, and the per-group learning rates and schedule act on the real optimizer.
 
 from __future__ import annotations
 
+import inspect
 import math
 from functools import cached_property
 
@@ -20,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from mtbert import distributed
+from mtbert.stateful import load_torchjd_state, torchjd_state
 
 
 class TaskGradients:
@@ -62,10 +64,14 @@ class TaskGradients:
     def diagnostics(self, combined: Tensor, projections: Tensor | None) -> dict:
         """Norms and pairwise cosines of the task gradients (null where a norm is 0), and
         how far the method's combined gradient is from their plain sum (Adam's): the norm
-        of the difference relative to the sum's (`change`), their cosine and norm ratio."""
+        of the difference relative to the sum's (`change`), their cosine and norm ratio; and
+        the weights the method gave the task gradients, the least-squares coefficients of
+        the combined gradient on them (exact for every update in their span; GradDrop's,
+        masked per coordinate, is not)."""
         gram = self.gram.cpu()
         total = self.matrix.sum(0).double()
         combined = combined.double()
+        weights = torch.linalg.pinv(gram) @ (self.matrix.double() @ combined).cpu()
         total_norm = total.norm().item()
         update = ({"change": (combined - total).norm().item() / total_norm,
                    "cos": (combined @ total).item() / (combined.norm().item() * total_norm or math.nan),
@@ -80,7 +86,8 @@ class TaskGradients:
                     gram[i, j].item() / denominator if denominator > 0 else math.nan)
         return {"cos": cos, "norm": dict(zip(self.tasks, norms)),
                 "projections": None if projections is None else int(projections),
-                "update": update, "params": self.matrix.shape[1]}
+                "update": update, "weights": dict(zip(self.tasks, weights.tolist())),
+                "params": self.matrix.shape[1]}
 
 
 class GradientMethod:
@@ -88,10 +95,13 @@ class GradientMethod:
 
     A subclass says how it combines the task gradients (`combine`) and on which steps that
     is just their sum (`sums`), for which one backward of the summed loss is enough.
-    `seed` is the run seed, for methods that make random choices.
+    `seed` is the run seed, for methods that make random choices; `tasks` the number of
+    training tasks. `every_task`: the method needs every task's loss in each step.
     """
 
-    def __init__(self, seed: int = 0):
+    every_task = True
+
+    def __init__(self, seed: int = 0, tasks: int = 0):
         pass
 
     def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter],
@@ -137,6 +147,8 @@ class GradientMethod:
 
 
 class Sum(GradientMethod):
+    every_task = False
+
     def sums(self, losses):
         return True
 
@@ -156,9 +168,9 @@ class PCGrad(GradientMethod):
     never waits for a GPU.
     """
 
-    def __init__(self, reduction: str = "sum", seed: int = 0):
+    def __init__(self, reduction: str = "sum", seed: int = 0, tasks: int = 0):
         if reduction not in ("sum", "mean"):
-            raise ValueError(f"optim.reduction must be 'sum' or 'mean', got {reduction!r}")
+            raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -187,11 +199,22 @@ class PCGrad(GradientMethod):
 
 
 class Aggregated(GradientMethod):
-    """A torchjd aggregator (`torchjd.aggregation`: UPGrad, MGDA, CAGrad, ...) applied to
-    the matrix of task gradients, as in Jacobian descent."""
+    """A torchjd aggregator (`torchjd.aggregation`: UPGrad, MGDA, CAGrad, Nash-MTL, ...)
+    applied to the matrix of task gradients, as in Jacobian descent. An aggregator given
+    partial is built here, with `n_tasks` when it asks for it (Nash-MTL)."""
 
-    def __init__(self, aggregator, seed: int = 0):
+    def __init__(self, aggregator, seed: int = 0, tasks: int = 0):
+        if not isinstance(aggregator, nn.Module):
+            takes_tasks = "n_tasks" in inspect.signature(aggregator).parameters
+            aggregator = aggregator(n_tasks=tasks) if takes_tasks else aggregator()
         self.aggregator = aggregator
 
     def combine(self, grads):
         return self.aggregator(grads.matrix), None
+
+    def state_dict(self):
+        return {"aggregator": torchjd_state(self.aggregator)}
+
+    def load_state_dict(self, state):
+        if "aggregator" in state:  # absent from checkpoints of older runs
+            load_torchjd_state(self.aggregator, state["aggregator"])

@@ -13,10 +13,10 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import wandb
-from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from wandb.sdk import wandb_setup
@@ -30,7 +30,7 @@ LOCAL_MODES = ("offline", "dryrun", "disabled")
 class NoLogger:
     """logger=none: the run directory is the only record."""
 
-    def start(self, cfg: DictConfig, run_dir: Path):
+    def start(self, cfg: DictConfig, run_dir: Path, job=None):
         pass
 
     def event(self, record: dict):
@@ -76,13 +76,21 @@ def resolve_mode(requested: str | None) -> str:
     return mode
 
 
-def sweep_group(hydra) -> str | None:
-    """A multirun's jobs share its sweep directory (as configured, e.g.
-    multirun/2025-01-31/12-00-00); a single run has no group."""
-    if hydra.mode != RunMode.MULTIRUN:
-        return None
-    sweep, cwd = Path(hydra.sweep.dir), Path(hydra.runtime.cwd)
-    return str(sweep.relative_to(cwd) if sweep.is_relative_to(cwd) else sweep)
+@dataclass
+class Job:
+    """What a W&B run is named and grouped by; `run.py` makes it from Hydra's record."""
+    choices: dict[str, str] = field(default_factory=dict)  # each group's option, for W&B filters
+    name: str = ""  # the job's overrides (Hydra's override_dirname); else the run directory's name
+    sweep: str | None = None  # a multirun's sweep directory: its jobs' W&B group
+
+    @classmethod
+    def from_hydra(cls, hydra) -> Job:
+        sweep = None
+        if hydra.mode == RunMode.MULTIRUN:  # as configured, e.g. multirun/2025-01-31/12-00-00
+            path, cwd = Path(hydra.sweep.dir), Path(hydra.runtime.cwd)
+            sweep = str(path.relative_to(cwd) if path.is_relative_to(cwd) else path)
+        return cls({k: v for k, v in hydra.runtime.choices.items() if not k.startswith("hydra/")},
+                   hydra.job.override_dirname, sweep)
 
 
 class WandbLogger:
@@ -96,16 +104,13 @@ class WandbLogger:
         self.quiet = quiet
         self.run = None
 
-    def start(self, cfg: DictConfig, run_dir: Path):
-        hydra = HydraConfig.get()
+    def start(self, cfg: DictConfig, run_dir: Path, job: Job | None = None):
+        job = job or Job()
         self.run_dir = Path(run_dir)
-        config = OmegaConf.to_container(cfg, resolve=True)
-        # the option chosen in each group, for W&B filters ("sampler: rr_over")
-        config["choices"] = {k: v for k, v in hydra.runtime.choices.items()
-                             if not k.startswith("hydra/")}
+        config = {**OmegaConf.to_container(cfg, resolve=True), "choices": job.choices}
         init = dict(project=self.project, entity=self.entity, tags=self.tags,
-                    group=self.group or sweep_group(hydra), job_type="train",
-                    name=hydra.job.override_dirname or self.run_dir.name, config=config,
+                    group=self.group or job.sweep, job_type="train",
+                    name=job.name or self.run_dir.name, config=config,
                     # WANDB_DIR, where set, is the user's choice; else the run keeps its W&B files
                     dir=None if os.environ.get("WANDB_DIR") else str(self.run_dir),
                     reinit="finish_previous", id=self.run_id(), resume="allow")

@@ -46,7 +46,7 @@ class CrossEntropy(Objective):
         if task.classes is None:
             raise ValueError(f"CrossEntropy needs a classification task; {task.name} is a regression")
         if self.class_weights is not None and len(self.class_weights) != task.classes:
-            raise ValueError(f"loss.objectives.{task.name}.class_weights has {len(self.class_weights)} "
+            raise ValueError(f"class_weights has {len(self.class_weights)} "
                              f"values; task {task.name} has {task.classes} classes")
 
     def outputs(self, task):

@@ -9,6 +9,7 @@ model from the source's config with those fields changed (the tiny test model).
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -41,10 +42,17 @@ def load_tokenizer(source: str):
 
 
 def load_encoder(source: str, random_init: dict | None = None) -> nn.Module:
+    """The source's pretrained encoder; with `random_init`, a fresh one from the source's
+    config with those fields changed, or, given `model_type`, from that family's default
+    config (a tiny DistilBERT, RoBERTa, ... for tests, with the source's tokenizer)."""
     hf_logging.disable_progress_bar()  # a bar per load clutters logs; our progress lines suffice
     path = resolve_source(source)
     if random_init:
-        return AutoModel.from_config(AutoConfig.from_pretrained(path, **random_init))
+        fields = dict(random_init)
+        model_type = fields.pop("model_type", None)
+        config = (AutoConfig.for_model(model_type, **fields) if model_type
+                  else AutoConfig.from_pretrained(path, **fields))
+        return AutoModel.from_config(config)
     return AutoModel.from_pretrained(path)
 
 
@@ -89,40 +97,32 @@ class CosineHead(nn.Module):
 
 
 class MultitaskBert(nn.Module):
-    def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], source: str,
-                 random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
-                 pair_encoding: dict[str, str] | None = None):
+    def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], pair_encoding: dict[str, str],
+                 source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1):
         super().__init__()
         if pooling not in POOLINGS:
-            raise ValueError(f"model.pooling must be one of {POOLINGS}, got {pooling!r}")
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         if not 0 <= dropout < 1:
-            raise ValueError(f"model.dropout must lie in [0, 1), got {dropout}")
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.pooling = pooling
         self.encoder = load_encoder(source, random_init)
         self.encoder_trainable = True
+        family = self.encoder.config.model_type
+        if pooling == "pooler" and getattr(self.encoder, "pooler", None) is None:
+            raise ValueError(f"pooling=pooler: this {family} encoder has no pooler; use mean or cls")
+        # families differ in what they take: DistilBERT has no token types (RoBERTa one,
+        # all zeros); BERT's attention adds a ready 4-D mask as it is (no host sync), while
+        # others (DeBERTa) read the mask as 0/1, so they get the plain 2-D one
+        self.token_types = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
+        self.additive_mask = family == "bert"
         hidden = self.encoder.config.hidden_size
         self.shared = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.encodings = {name: self.pair_encoding(task, objectives[name], pair_encoding or {})
-                          for name, task in tasks.items()}
+        self.encodings = pair_encoding  # resolved by mtbert.build.pair_encodings
         self.heads = nn.ModuleDict({
             name: CosineHead(hidden) if objectives[name].head == "cosine"
             else LinearHead(hidden, objectives[name].outputs(task), self.encodings[name] == "siamese")
             for name, task in tasks.items()
         })
-
-    @staticmethod
-    def pair_encoding(task: Task, objective: Objective, configured: dict[str, str]) -> str:
-        """'single', 'cross' (s1 [SEP] s2 in one sequence) or 'siamese' (each sentence alone).
-        A cosine objective compares two embeddings, so it is always siamese."""
-        if not task.is_pair:
-            return "single"
-        if objective.head == "cosine":
-            return "siamese"
-        encoding = configured.get(task.name, "cross")
-        if encoding not in ("cross", "siamese"):
-            raise ValueError(f"model.pair_encoding.{task.name} must be 'cross' or 'siamese', "
-                             f"got {encoding!r}")
-        return encoding
 
     def compile_encoder(self):
         """torch.compile the encoder in place, so its state_dict keys stay as they are."""
@@ -135,10 +135,17 @@ class MultitaskBert(nn.Module):
         self.encoder.requires_grad_(trainable)
         self.encoder_trainable = trainable
 
+    def encoder_inputs(self, batch: Batch) -> dict[str, Tensor]:
+        """The encoder's keyword arguments for a batch: what a new family changes."""
+        inputs = {"input_ids": batch.input_ids, "attention_mask": additive_mask(batch.attention_mask)
+                  if self.additive_mask else batch.attention_mask}
+        if self.token_types and batch.token_type_ids is not None:
+            inputs["token_type_ids"] = batch.token_type_ids
+        return inputs
+
     def embed(self, batch: Batch) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
-            out = self.encoder(input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask),
-                               token_type_ids=batch.token_type_ids)
+            out = self.encoder(**self.encoder_inputs(batch))
         if self.pooling == "pooler":
             return out.pooler_output
         if self.pooling == "cls":

@@ -25,7 +25,7 @@ from mtbert.data import RejectedRows, read_split
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.evaluate import predict
 from mtbert.rundir import load_model_weights
-from mtbert.trainer import build_network
+from mtbert.build import build_network
 
 log = logging.getLogger("mtbert.predict")
 

@@ -199,7 +199,7 @@ def bootstrap_runs(run_a: Path, run_b: Path, data_root: str | None) -> dict | st
     """The paired bootstrap over dev examples of two runs, from their prediction files
     (`python -m mtbert.predict RUN --splits dev`); a reason when they have none."""
     from mtbert.data import RejectedRows, read_split
-    from mtbert.trainer import declared_tasks
+    from mtbert.build import declared_tasks
 
     files = {}
     for run in (run_a, run_b):

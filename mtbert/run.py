@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from mtbert import distributed
 from mtbert.device import resolve_device
 from mtbert.evaluate import format_table
-from mtbert.logger import NoLogger
+from mtbert.logger import Job, NoLogger
 from mtbert.data import DataError
-from mtbert.rundir import CheckpointError, ReadOnlyRunDir, RunDir
-from mtbert.trainer import ConfigError, Interrupted, data_files, train
+from mtbert.rundir import CheckpointError, ReadOnlyRunDir, RunDir, results_record
+from mtbert.build import ConfigError, data_files
+from mtbert.guards import Interrupted
+from mtbert.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +74,17 @@ def main(cfg: DictConfig) -> dict:
         signal.signal(signal.SIGTERM, stop_outside_training)
     output_dir = hydra.runtime.output_dir
     previous = Path(output_dir) / "results.json"
-    previous = json.loads(previous.read_text()) if cfg.resume and previous.is_file() else None
+    previous = json.loads(previous.read_text()) if previous.is_file() else None
+    if previous and previous["status"] == "completed" and not cfg.resume:  # a sweep run again resumes what is left
+        log.info("%s completed earlier (its results.json); nothing to train. Delete that file to "
+                 "train it again", output_dir)
+        print(format_table(previous["dev"]))
+        return previous
+    if not cfg.resume:
+        previous = None
     if cfg.resume:
         cfg, experiment = resumed_config(cfg, hydra)
-    results = {"status": "failed", "experiment": experiment,
-               "seed": cfg.seed, "dev": None, "best_epoch": None, "best_step": None, "steps": 0,
-               "examples_seen": {}, "skipped_steps": 0, "train_seconds": 0.0, "error": None}
+    results = results_record(experiment=experiment, seed=cfg.seed)
     logger, run = NoLogger(), None
     start = time.perf_counter()
     try:
@@ -96,7 +103,7 @@ def main(cfg: DictConfig) -> dict:
         else:
             run = ReadOnlyRunDir(output_dir)
             quiet_rank()
-        logger.start(cfg, run.path)
+        logger.start(cfg, run.path, Job.from_hydra(hydra))
         results.update(train(cfg, run), status="completed")
     except Interrupted as e:
         results.update(previous or {}, **e.results, status="interrupted", error=str(e))
@@ -127,6 +134,8 @@ def main(cfg: DictConfig) -> dict:
             if not results["train_seconds"]:
                 results["train_seconds"] = time.perf_counter() - start
             run.write_results(results)
+            if results["status"] == "completed" and not cfg.trainer.get("keep_last", True):
+                run.drop_checkpoint("last")
             logger.finish(results)
             run.close()
     if distributed.rank() == 0:

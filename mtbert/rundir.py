@@ -51,6 +51,21 @@ def atomic(path: Path):
         tmp.unlink(missing_ok=True)
 
 
+# results.json: every field on every status (completed, failed, interrupted, running; pruned
+# for a trial that mtbert.tune stopped early), so that a reader never guesses whether a key
+# is missing or the run never got there
+RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "best_epoch": None,
+           "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "train_seconds": 0.0,
+           "device": None, "precision": None, "data": {}, "tokenizer": None, "error": None}
+
+
+def results_record(**fields) -> dict:
+    unknown = sorted(set(fields) - set(RESULTS))
+    if unknown:
+        raise KeyError(f"{unknown} are not results.json fields (rundir.RESULTS)")
+    return {**RESULTS, **fields}
+
+
 def write_json(path: Path, data):
     with atomic(path) as tmp:
         tmp.write_text(json.dumps(_finite(data), indent=2))
@@ -96,7 +111,7 @@ class RunDir:
             sink.event(record)
 
     def write_results(self, results: dict):
-        write_json(self.path / "results.json", results)
+        write_json(self.path / "results.json", results_record(**results))
 
     def write_rejected(self, rejected):
         """`rejected_rows.tsv`, when any data row was skipped."""
@@ -111,6 +126,12 @@ class RunDir:
 
     def save_checkpoint(self, state: dict, name: str = "last"):
         save_checkpoint(state, self.checkpoints / f"{name}.pt")
+
+    def drop_checkpoint(self, name: str = "last"):
+        """Delete `<name>.pt` and its siblings: a completed run no longer needs them."""
+        path = self.checkpoints / f"{name}.pt"
+        for file in (*_candidates(path), *map(_legacy_digest, _candidates(path))):
+            file.unlink(missing_ok=True)
 
     def close(self):
         self._metrics.close()
@@ -139,6 +160,9 @@ class ReadOnlyRunDir(RunDir):
         pass
 
     def save_checkpoint(self, state, name="last"):
+        pass
+
+    def drop_checkpoint(self, name="last"):
         pass
 
     def close(self):

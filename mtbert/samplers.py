@@ -16,12 +16,15 @@ import torch
 
 
 class TaskSampler:
-    """Base class. `tasks` restricts training to some tasks (None: all declared tasks)."""
+    """Base class. `tasks` restricts training to some tasks (None: all declared tasks).
+    `every_task`: each step holds a batch of every training task."""
+
+    every_task = False
 
     def __init__(self, tasks: Sequence[str] | None = None):
         self.tasks = list(tasks) if tasks is not None else None
         if self.tasks is not None and not self.tasks:
-            raise ValueError("sampler.tasks must name at least one task (or be null for all)")
+            raise ValueError("tasks must name at least one task (or be null for all)")
 
     def check(self, tasks: list[str]):
         """Raise ValueError if this sampler cannot schedule these training tasks."""
@@ -70,6 +73,10 @@ class RoundRobin(TaskSampler):
         super().__init__(tasks)
         self.per_task = per_task
 
+    @property
+    def every_task(self) -> bool:
+        return not self.per_task
+
     def rounds(self, sizes: dict[str, int]) -> int:
         raise NotImplementedError
 
@@ -103,7 +110,7 @@ class RoundRobinOver(RoundRobin):
     def __init__(self, sigma: int | None = None, per_task: bool = False, tasks: Sequence[str] | None = None):
         super().__init__(per_task, tasks)
         if sigma is not None and (not isinstance(sigma, int) or sigma <= 0):
-            raise ValueError(f"sampler.sigma must be a positive integer or null, got {sigma!r}")
+            raise ValueError(f"sigma must be a positive integer or null, got {sigma!r}")
         self.sigma = sigma
 
     def rounds(self, sizes):
@@ -121,7 +128,7 @@ class Drawn(TaskSampler):
     def __init__(self, steps: int | None = None, tasks: Sequence[str] | None = None):
         super().__init__(tasks)
         if steps is not None and (not isinstance(steps, int) or steps <= 0):
-            raise ValueError(f"sampler.steps must be a positive integer or null, got {steps!r}")
+            raise ValueError(f"steps must be a positive integer or null, got {steps!r}")
         self.steps = steps
 
     def weights(self, sizes: dict[str, int], progress: float) -> dict[str, float]:
@@ -157,7 +164,7 @@ class Temperature(Drawn):
                  tasks: Sequence[str] | None = None):
         super().__init__(steps, tasks)
         if not temperature > 0:
-            raise ValueError(f"sampler.temperature must be > 0, got {temperature}")
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
 
     def weights(self, sizes, progress):
@@ -172,7 +179,7 @@ class Annealed(Drawn):
                  tasks: Sequence[str] | None = None):
         super().__init__(steps, tasks)
         if not 0 <= final_alpha <= 1:
-            raise ValueError(f"sampler.final_alpha must lie in [0, 1], got {final_alpha}")
+            raise ValueError(f"final_alpha must lie in [0, 1], got {final_alpha}")
         self.final_alpha = final_alpha
 
     def weights(self, sizes, progress):
@@ -192,14 +199,14 @@ class Adaptive(Drawn):
         super().__init__(steps, tasks)
         bad = {t: v for t, v in targets.items() if not v > 0}
         if bad:
-            raise ValueError(f"sampler.targets must be > 0, got {bad}")
+            raise ValueError(f"targets must be > 0, got {bad}")
         self.targets, self.power, self.max_ratio = dict(targets), power, max_ratio
         self.scores: dict[str, float | None] = {}
 
     def check(self, tasks):
         missing = sorted(set(tasks) - set(self.targets))
         if missing:
-            raise ValueError(f"sampler.targets has no target for task(s) {missing}; add one "
+            raise ValueError(f"targets has no target for task(s) {missing}; add one "
                              f"per trained task, e.g. 'sampler.targets.{missing[0]}=0.8'")
 
     def observe(self, scores):

@@ -29,12 +29,12 @@ class Schedule:
         self.phases = [Phase(**p) for p in phases] if phases else [Phase("all", 1.0)]
         for i, phase in enumerate(self.phases):
             if phase.train not in TRAINABLE:
-                raise ValueError(f"schedule.phases[{i}].train must be one of {TRAINABLE}, "
+                raise ValueError(f"phases[{i}].train must be one of {TRAINABLE}, "
                                  f"got {phase.train!r}")
             if phase.length <= 0:
-                raise ValueError(f"schedule.phases[{i}].length must be > 0, got {phase.length}")
+                raise ValueError(f"phases[{i}].length must be > 0, got {phase.length}")
         if not 0 < gamma <= 1:
-            raise ValueError(f"schedule.gamma must lie in (0, 1], got {gamma}")
+            raise ValueError(f"gamma must lie in (0, 1], got {gamma}")
         self.gamma = gamma
 
     def boundaries(self, total_steps: int) -> list[int]:

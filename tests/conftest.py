@@ -77,6 +77,16 @@ def data_dir(tmp_path) -> Path:
     return write_cs224n(tmp_path / "data")
 
 
+def compose_config(*overrides: str, data: Path | None = None, cache: Path | None = None):
+    """The run's config as `python train.py OVERRIDES` composes it; with `data` (and
+    `cache`), on those folders."""
+    from hydra import compose, initialize_config_dir
+
+    paths = ([f"data.root={data}"] if data else []) + ([f"data.cache_dir={cache}"] if cache else [])
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=[*paths, *overrides])
+
+
 def run_train(*overrides: str, cwd: Path, data: Path, check: bool = True,
               timeout: int = 300) -> subprocess.CompletedProcess:
     """Run train.py as a user would, with its run directory under `cwd`."""

@@ -2,19 +2,19 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
-from conftest import ROOT
-from mtbert.bench import NaiveLoop
+from conftest import ROOT, compose_config
+from mtbert.bench.speed import NaiveLoop
 
 PAPER_KEYS = {"sst_acc", "para_acc", "sts_pearson", "mean", "overall"}
 
 
+@pytest.mark.slow
 def test_bench_cli_reports_every_variant(tmp_path, data_dir):
     env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache"),
            "OMP_NUM_THREADS": "1"}  # a shared CI machine stalls multi-threaded tiny kernels
@@ -64,9 +64,7 @@ def test_bench_cli_reports_every_variant(tmp_path, data_dir):
 
 @pytest.fixture
 def naive_loop(data_dir, tmp_path):
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["model=tiny", "logger=none", f"data.root={data_dir}",
-                                          f"data.cache_dir={tmp_path}/c", "data.batch_size=4"])
+    cfg = compose_config("model=tiny", "logger=none", "data.batch_size=4", data=data_dir, cache=tmp_path / "c")
     return lambda update: NaiveLoop(cfg, ["sst", "para", "sts"], torch.device("cpu"), update)
 
 
@@ -90,3 +88,24 @@ def test_naive_combined_update_is_one_adamw_step_on_the_summed_loss(naive_loop):
     for (n, a), b in zip(combined.model.named_parameters(), by_hand.model.parameters()):
         torch.testing.assert_close(a, b, msg=n)
     assert not torch.equal(encoder, dict(per_task.model.named_parameters())[name])
+
+
+@pytest.mark.slow
+def test_load_bench_reports_each_setting_under_each_load(tmp_path, data_dir):
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")}
+    out_json, out_md = tmp_path / "load.json", tmp_path / "load.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtbert.bench.load", "--model", "tiny", "--precision", "fp32", "--batch-size", "4",
+         "--steps", "1", "--rounds", "1", "--loads", "0,1", "--out", str(out_json), "--out", str(out_md)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    r = json.loads(out_json.read_text())
+    assert list(r["settings"]) == ["spin (torch's default)", "passive", "spin, 1 thread"]
+    assert r["settings"]["passive"]["env"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert r["settings"]["spin, 1 thread"]["threads"] == 1
+    for name, per_load in r["seconds"].items():
+        assert list(per_load) == ["0", "1"] and all(v["step_seconds"] > 0 for v in per_load.values()), name
+    assert r["seconds"]["spin (torch's default)"]["0"]["vs_idle"] == 1.0
+    assert r["chosen"]["1"] == ["PASSIVE"]  # a competing busy process: mtbert would wait passively
+    assert r["targets"]["1 competing"]["chosen"] == "passive"
+    assert re.search(r"\| passive \| \d+ \|", out_md.read_text())  # threads: the machine's, or OMP_NUM_THREADS

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from conftest import compose_config
+from mtbert.build import ConfigError, Setup, build_objectives, declared_tasks
 from mtbert.data import DataError
 from mtbert.rundir import RunDir
-from mtbert.trainer import ConfigError, Setup, Trainer, build_objectives, declared_tasks
+from mtbert.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
@@ -18,9 +19,7 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
-def make(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+make = compose_config
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g in GROUPS for o in options(g)])
@@ -31,7 +30,8 @@ def test_every_option_composes_and_builds(group, option):
     build_objectives(cfg, tasks)
     instantiate(cfg.sampler)
     instantiate(cfg.schedule)
-    instantiate(cfg.optim.gradient)
+    instantiate(cfg.optim.gradient, tasks=len(tasks))
+    instantiate(cfg.weighting, tasks=list(tasks))
 
 
 def test_table1_rows_are_experiments():
@@ -58,21 +58,28 @@ def test_data_root_from_environment(monkeypatch):
 
 @pytest.mark.parametrize("override, error, message", [
     ("sampler.tasks=[sst,imdb]", ConfigError, r"sampler.tasks names unknown task\(s\) \['imdb'\]"),
-    ("sampler.sigma=0", Exception, "sampler.sigma must be a positive integer"),
+    ("sampler.sigma=0", ConfigError, "^sampler.sigma must be a positive integer or null, got 0$"),
     ("+loss.weights.cfimdb=2", ConfigError, "loss.weights names unknown task"),
     ("optim.lr.heads={sst:1e-3}", ConfigError, r"optim.lr.heads has no learning rate for task\(s\) \['para', 'sts'\]"),
     ("optim.lr.encoder=0", ConfigError, "optim.lr for encoder must be > 0"),
     ("data.bad_rows=drop", ValueError, "data.bad_rows must be 'skip' or 'error'"),
     ("trainer.precision=fp8", ValueError, "trainer.precision must be one of"),
-    ("schedule.gamma=1.5", Exception, r"schedule.gamma must lie in \(0, 1\]"),
-    ("model.pooling=max", Exception, "model.pooling must be one of"),
+    ("schedule.gamma=1.5", ConfigError, r"^schedule.gamma must lie in \(0, 1\], got 1.5$"),
+    ("loss.objectives.sst.class_weights=[1,2]", ConfigError,
+     r"^loss.objectives.sst.class_weights has 2 values; task sst has 5 classes$"),
+    ("model.pooling=max", ConfigError, "^model.pooling must be one of"),
     ("loss.objectives.sts._target_=mtbert.losses.CrossEntropy", ConfigError,
      "loss.objectives.sts: CrossEntropy needs a classification task"),
     ("~data.tasks.sts.files.dev", ConfigError, "data.tasks.sts.files has no dev file"),
-    ("trainer.evals_per_epoch=0", ConfigError, "trainer.evals_per_epoch must be at least 1"),
+    ("trainer.evals_per_epoch=0", ConfigError, r"trainer.evals_per_epoch must be a whole number >= 1, got 0"),
+    ("trainer.evals_per_epoch=null", ConfigError, "trainer.evals_per_epoch must be a whole number >= 1, got None"),
+    ("trainer.max_steps=0", ConfigError, "trainer.max_steps must be a whole number >= 1 or null, got 0"),
+    ("trainer.on_nonfinite=ignore", ConfigError, "trainer.on_nonfinite must be 'error' or 'skip'"),
     ("loss.weights.sts=inf", ConfigError, r"loss.weights must be finite and >= 0, got \{'sts': inf\}"),
     ("loss.weights.sst=nan", ConfigError, "loss.weights must be finite and >= 0"),
-    ("trainer.eval_every_steps=-2", ConfigError, "trainer.eval_every_steps must be at least 1"),
+    ("trainer.eval_every_steps=-2", ConfigError, "trainer.eval_every_steps must be a whole number >= 1 or null"),
+    ("model.pair_encoding.sts=cross", ConfigError,
+     r"model.pair_encoding.sts=cross contradicts loss.objectives.sts \(CosineMSE\)"),
 ])
 def test_bad_values_name_their_key(override, error, message, data_dir, tmp_path):
     cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", override)

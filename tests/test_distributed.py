@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, read_results, run_train
+from conftest import ROOT, compose_config, read_results, run_train
 from mtbert.rundir import load_checkpoint
 
 EXACT = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
@@ -33,11 +33,13 @@ def torchrun(*overrides, cwd, data):
     return proc
 
 
-@pytest.mark.parametrize("optim", ["adam", "pcgrad"])
-def test_two_ranks_equal_one_process(optim, tmp_path, data_dir):
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("weighting=uw",),
+                                    ("weighting=gradnorm",), ("optim=gradvac",)], ids=" ".join)
+def test_two_ranks_equal_one_process(method, tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
-    run_train(*EXACT, f"optim={optim}", f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
-    proc = torchrun(*EXACT, f"optim={optim}", f"hydra.run.dir={two}", cwd=tmp_path, data=data_dir)
+    run_train(*EXACT, *method, f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
+    proc = torchrun(*EXACT, *method, f"hydra.run.dir={two}", cwd=tmp_path, data=data_dir)
     assert proc.stdout.count("run directory:") == 1, "only rank 0 reports"
     log = (two / "train.log").read_text()
     assert log.count("eval at step 4") == 1 and log.count("training sst+para+sts") == 1, "rank 0 logs, once"
@@ -57,15 +59,13 @@ def test_two_ranks_equal_one_process(optim, tmp_path, data_dir):
 
 def run_train_initial(tmp_path, data_dir):
     """The parameters before any step: same seed, zero steps of training."""
-    from hydra import compose, initialize_config_dir
-
-    from mtbert.trainer import build_network
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=list(EXACT))
+    from mtbert.build import build_network
+    cfg = compose_config(*EXACT)
     torch.manual_seed(cfg.seed)
     return build_network(cfg)[2].state_dict()
 
 
+@pytest.mark.slow
 def test_submitit_job_with_two_tasks_trains_as_two_ranks(tmp_path, data_dir):
     """`hydra.launcher.tasks_per_node=2`: the job's two tasks are the two ranks of one run
     (submitit_local here; SLURM sets the same variables through submitit)."""
@@ -96,6 +96,7 @@ def children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_two_ranks_stopped_and_resumed_with_dropout_end_bit_identical(tmp_path, data_dir):
     """Every rank's RNG is saved: with dropout on, a resumed 2-rank run ends where an
     uninterrupted one does, to the bit. Batches of 7 split 4 + 3, so the ranks draw

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, read_results, run_train
+from conftest import ROOT, compose_config, read_results, run_train
 import mtbert.rundir as rundir
 from mtbert.rundir import CheckpointError, load_checkpoint, save_checkpoint
 
@@ -197,12 +197,10 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, data
 
 
 def test_resume_with_another_tokenizer_refuses(tmp_path, data_dir):
-    from hydra import compose, initialize_config_dir
-
+    from mtbert.build import ConfigError
     from mtbert.rundir import RunDir
-    from mtbert.trainer import ConfigError, Trainer
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*RUN, f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c"])
+    from mtbert.trainer import Trainer
+    cfg = compose_config(*RUN, data=data_dir, cache=tmp_path / "c")
     first = Trainer(cfg, RunDir(tmp_path / "run"))
     state = first.state_dict()
     assert state["tokenizer"] == first.setup.tokenizer_digest and len(state["tokenizer"]) == 64

@@ -7,15 +7,14 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from torch import nn
 from torchjd.aggregation import MGDA, PCGrad as TorchjdPCGrad, UPGrad
 
-from conftest import ROOT, read_results, run_train, write_cs224n
+from conftest import compose_config, read_results, run_train, write_cs224n
 from mtbert.batching import collate
 from mtbert.gradients import Aggregated, PCGrad, Sum, TaskGradients
 from mtbert.rundir import RunDir
-from mtbert.trainer import Setup
+from mtbert.build import Setup
 
 
 def linear_losses(grads: list[list[float]], theta: nn.Parameter) -> dict:
@@ -137,7 +136,7 @@ def test_reused_storage_leaves_no_stale_gradient():
 
 
 def test_reduction_is_checked():
-    with pytest.raises(ValueError, match="optim.reduction must be 'sum' or 'mean'"):
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'mean'"):
         PCGrad(reduction="max")
 
 
@@ -147,10 +146,8 @@ def test_reduction_is_checked():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("grad")
     data = write_cs224n(root / "data", n=16)
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", ["model=tiny", "optim=pcgrad", "schedule=paper",
-                                "trainer.precision=fp32", "optim.optimizer.weight_decay=0.1",
-                                f"data.root={data}", f"data.cache_dir={root}/cache"])
+    cfg = compose_config("model=tiny", "optim=pcgrad", "schedule=paper", "trainer.precision=fp32",
+                         "optim.optimizer.weight_decay=0.1", data=data, cache=root / "cache")
     return Setup(cfg, RunDir(root / "run"))
 
 

@@ -25,6 +25,7 @@ def one_thread_per_job(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_requeued_job_resumes_in_its_directory(tmp_path, data_dir):
     """Two identical jobs; job 0 gets submitit's timeout signal (USR2) mid-run, is requeued
     and resumes from its checkpoints/last.pt: it ends exactly as job 1, never stopped."""

@@ -17,7 +17,8 @@ from omegaconf import open_dict
 
 from conftest import ROOT, read_results, run_train
 from mtbert.rundir import CheckpointError, RunDir, load_checkpoint, save_checkpoint
-from mtbert.trainer import NonFiniteLoss, Trainer
+from mtbert.guards import NonFiniteLoss
+from mtbert.trainer import Trainer
 
 RUN = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
        "data.batch_size=4", "trainer.epochs=3", "trainer.log_every_seconds=0")
@@ -28,7 +29,9 @@ def final_model(run_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("extra", [("sampler=rr_over", "optim=pcgrad", "schedule=paper"),
-                                   ("sampler=annealed", "trainer.evals_per_epoch=2")])
+                                   ("sampler=annealed", "trainer.evals_per_epoch=2"),
+                                   ("weighting=famo", "optim=nash_mtl"),  # a scalarizer, an aggregator
+                                   ("weighting=gradnorm", "optim=gradvac")])
 def test_sigterm_then_resume_matches_uninterrupted_run(extra, tmp_path, data_dir):
     whole = tmp_path / "whole"
     run_train(*RUN, *extra, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)
@@ -68,6 +71,17 @@ def test_resume_refuses_other_overrides(tmp_path, data_dir):
     run_train(*RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, data=data_dir)
     proc = run_train(f"resume={run_dir}", "seed=3", cwd=tmp_path, data=data_dir, check=False)
     assert proc.returncode != 0 and "drop the other overrides ['seed=3']" in proc.stderr
+
+
+def test_keep_last_false_keeps_best_and_a_rerun_trains_nothing(tmp_path, data_dir):
+    run_dir = tmp_path / "run"
+    args = (*RUN, "trainer.epochs=1", "trainer.keep_last=false", f"hydra.run.dir={run_dir}")
+    run_train(*args, cwd=tmp_path, data=data_dir)
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.safetensors"]
+    done, metrics = read_results(run_dir), (run_dir / "metrics.jsonl").read_text()
+    again = run_train(*args, cwd=tmp_path, data=data_dir)  # as a sweep run a second time
+    assert "completed earlier" in again.stdout + again.stderr and "sst_acc" in again.stdout
+    assert read_results(run_dir) == done and (run_dir / "metrics.jsonl").read_text() == metrics
 
 
 def test_damaged_checkpoints_fall_back_then_fail_clearly(tmp_path, caplog):

@@ -52,12 +52,12 @@ def test_training_task_subset():
 
 @pytest.mark.parametrize("sigma", [0, -3, 2.5, "ten"])
 def test_rr_over_rejects_bad_sigma(sigma):
-    with pytest.raises(ValueError, match="sampler.sigma must be a positive integer"):
+    with pytest.raises(ValueError, match="sigma must be a positive integer"):
         RoundRobinOver(sigma)
 
 
 def test_empty_task_list_rejected():
-    with pytest.raises(ValueError, match="sampler.tasks"):
+    with pytest.raises(ValueError, match="tasks must name at least one task"):
         RoundRobinUnder(tasks=[])
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import resource
@@ -50,13 +49,15 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from mtbert.batching import Batch
+from mtbert.bench import publish
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.evaluate import evaluate
 from mtbert.rundir import RunDir, read_events
-from mtbert.trainer import Trainer, build_network, param_groups, row_limit
+from mtbert.build import build_network, param_groups, row_limit
+from mtbert.trainer import Trainer
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 TARGETS = {  # issue 6, CPU with MiniLM
     "speedup_vs_naive": (">=", 2.0),
     "mean_vs_naive": (">=", 0.0),  # dev mean, mtbert minus naive, after the same examples
@@ -492,13 +493,5 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     result = run(args)
-    report = markdown(result)
-    print(report)
-    for path in map(Path, args.out):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n" if path.suffix == ".json" else report)
+    publish(result, markdown(result), args.out)
     return result
-
-
-if __name__ == "__main__":
-    main()

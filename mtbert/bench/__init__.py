@@ -1,0 +1,14 @@
+"""Benchmarks, each measuring its variants side by side in one run: `python -m mtbert.bench`
+(speed of the step, the evaluation and a short run) and `python -m mtbert.bench.load`
+(the step on a machine busy with other processes)."""
+
+import json
+from pathlib import Path
+
+
+def publish(result: dict, report: str, paths: list[str]):
+    """Print the Markdown report and write each `--out` path: .json the result, else the report."""
+    print(report)
+    for path in map(Path, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n" if path.suffix == ".json" else report)

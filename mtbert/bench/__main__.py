@@ -1,0 +1,3 @@
+from mtbert.bench.speed import main
+
+main()

@@ -1,0 +1,279 @@
+"""Config to components: the tasks, objectives, model, optimizer groups and data of a run.
+
+Training, prediction, analysis and the benchmark all build through here, so a component
+is made one way, and every config value is checked before the first step: a bad choice
+fails in seconds, naming its key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import zlib
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mtbert import distributed
+from mtbert.batching import TaskStream, encode, tokenizer_digest
+from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split, read_text
+from mtbert.device import resolve_device, resolve_precision
+from mtbert.losses import default_objective
+from mtbert.model import MultitaskBert, load_tokenizer
+from mtbert.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@contextmanager
+def config_key(key: str, node=None):
+    """A component built from config subtree `key` raises a plain ValueError ("sigma must
+    be > 0"); here it becomes a ConfigError naming the key ("sampler.sigma must be > 0",
+    or "sampler: ..." when the message does not start with one of the subtree's keys)."""
+    try:
+        yield
+    except (ValueError, InstantiationException) as e:
+        cause = e.__cause__ if isinstance(e, InstantiationException) else e
+        if isinstance(cause, ConfigError) or not isinstance(cause, ValueError):
+            raise
+        message = str(cause)
+        first = re.match(r"[A-Za-z_]\w*", message)
+        known = first and isinstance(node, (dict, DictConfig)) and first.group() in node
+        raise ConfigError(f"{key}.{message}" if known else f"{key}: {message}") from None
+
+
+def build(cfg: DictConfig, key: str, **runtime):
+    """Instantiate the config subtree at `key`, its errors naming the key."""
+    node = OmegaConf.select(cfg, key)
+    with config_key(key, node):
+        return instantiate(node, _convert_="all", **runtime)
+
+
+def declared_tasks(cfg: DictConfig) -> dict[str, Task]:
+    tasks = {}
+    for name, spec in cfg.data.tasks.items():
+        spec = OmegaConf.to_container(spec, resolve=True)
+        if spec.get("score_range") is not None:
+            spec["score_range"] = tuple(spec["score_range"])
+        try:
+            tasks[name] = Task(name=name, **spec)
+        except TypeError as e:
+            raise ConfigError(f"data.tasks.{name}: {e}") from None
+    return tasks
+
+
+def check_task_names(names, tasks: dict[str, Task], key: str):
+    unknown = sorted(set(names) - set(tasks))
+    if unknown:
+        raise ConfigError(f"{key} names unknown task(s) {unknown}; declared tasks (data.tasks): "
+                          f"{sorted(tasks)}")
+
+
+def build_objectives(cfg: DictConfig, tasks: dict[str, Task]) -> dict:
+    configured = cfg.loss.get("objectives") or {}
+    check_task_names(configured, tasks, "loss.objectives")
+    objectives = {}
+    for name, task in tasks.items():
+        key = f"loss.objectives.{name}"
+        with config_key(key, configured.get(name)):
+            objectives[name] = build(cfg, key) if name in configured else default_objective(task)
+            objectives[name].check(task)
+    return objectives
+
+
+def pair_encodings(cfg: DictConfig, tasks: dict[str, Task], objectives: dict) -> dict[str, str]:
+    """How each task's examples are encoded, decided once for the model and the data:
+    'single', 'cross' (s1 [SEP] s2 in one sequence) or 'siamese' (each sentence alone,
+    section 3.6). A cosine objective compares two embeddings, so its pairs are siamese
+    (`check_pair_encodings` refuses an explicit 'cross' for it before training; runs saved
+    before that check said 'cross' and were siamese, so they still load)."""
+    configured = cfg.model.get("pair_encoding") or {}
+    encodings = {}
+    for name, task in tasks.items():
+        encoding = "single" if not task.is_pair else "siamese" if objectives[name].head == "cosine" \
+            else configured.get(name) or "cross"
+        if encoding not in ("single", "cross", "siamese"):
+            raise ConfigError(f"model.pair_encoding.{name} must be 'cross' or 'siamese', got {encoding!r}")
+        encodings[name] = encoding
+    return encodings
+
+
+def check_pair_encodings(cfg: DictConfig, objectives: dict):
+    """A config that contradicts itself is an error naming both keys."""
+    configured = cfg.model.get("pair_encoding") or {}
+    for name, objective in objectives.items():
+        if objective.head == "cosine" and configured.get(name) == "cross":
+            raise ConfigError(f"model.pair_encoding.{name}=cross contradicts loss.objectives.{name} "
+                              f"({type(objective).__name__}), which compares two sentence embeddings and so "
+                              f"encodes siamese: drop the override (null lets the loss decide) or choose "
+                              f"a loss without a cosine head (loss=baseline)")
+
+
+def build_network(cfg: DictConfig):
+    """Tasks, their objectives, the model and its tokenizer: what training and prediction share."""
+    tasks = declared_tasks(cfg)
+    objectives = build_objectives(cfg, tasks)
+    with config_key("model", cfg.model):
+        model = instantiate(cfg.model, _partial_=True, _convert_="all")(
+            tasks=tasks, objectives=objectives, pair_encoding=pair_encodings(cfg, tasks, objectives))
+    return tasks, objectives, model, load_tokenizer(cfg.model.source)
+
+
+def row_limit(limit, task: str) -> int | None:
+    """`data.limit.<split>` is null, one number for every task, or {task: number}."""
+    if limit is None or isinstance(limit, int):
+        return limit
+    return limit.get(task)
+
+
+def param_groups(model: MultitaskBert, lr: DictConfig, tasks) -> list[dict]:
+    """Separate learning rates for the encoder, the shared layer and each head (section 4.3)."""
+    heads = lr.heads
+    head_lr = {t: heads for t in tasks} if isinstance(heads, (int, float)) else dict(heads)
+    missing = sorted(set(tasks) - set(head_lr))
+    if missing:
+        raise ConfigError(f"optim.lr.heads has no learning rate for task(s) {missing}")
+    groups = [("encoder", model.encoder, lr.encoder), ("shared", model.shared, lr.shared)]
+    groups += [(f"head_{t}", model.heads[t], head_lr[t]) for t in tasks]
+    for name, _, value in groups:
+        if not value > 0:
+            raise ConfigError(f"optim.lr for {name} must be > 0, got {value}")
+    return [{"name": name, "params": list(m.parameters()), "lr": value} for name, m, value in groups]
+
+
+def check_trainer(tcfg: DictConfig):
+    """The loop's own settings, checked before anything loads."""
+    if tcfg.on_nonfinite not in ("error", "skip"):
+        raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {tcfg.on_nonfinite!r}")
+    for key in ("evals_per_epoch", "eval_every_steps", "epochs", "max_steps"):
+        value = tcfg.get(key)  # eval_every_steps is absent from older runs' configs
+        if (value is not None or key in ("evals_per_epoch", "epochs")) and not (
+                isinstance(value, int) and value >= 1):
+            raise ConfigError(f"trainer.{key} must be a whole number >= 1"
+                              f"{'' if key in ('evals_per_epoch', 'epochs') else ' or null'}, got {value!r}")
+
+
+EQUAL = {"_target_": "mtbert.weighting.Equal"}  # runs saved before the weighting group
+
+
+def check_every_task(sampler, tasks: list[str], methods: dict):
+    """A method that combines the tasks of a step (a gradient aggregator, a loss weighting
+    other than equal) does nothing where each step holds one task: refused, not run."""
+    for key, method in methods.items():
+        if not method.every_task:
+            continue
+        name, other = type(method).__name__, "optim=adam" if key == "optim" else "weighting=equal"
+        if len(tasks) < 2:
+            raise ConfigError(f"{key} ({name}) combines the tasks of each step, but only {tasks} trains "
+                              f"(sampler.tasks); train two tasks or more, or use {other}")
+        if not sampler.every_task:
+            one = "per_task=true" if getattr(sampler, "per_task", False) else "one task per step"
+            raise ConfigError(
+                f"{key} ({name}) combines the tasks of each step, but sampler ({type(sampler).__name__}, "
+                f"{one}) puts a single task in each step, so it would do nothing. Use sampler=rr_over or "
+                f"sampler=rr_under (with sampler.per_task=false), or {other}")
+
+
+class Setup:
+    """Data, model, optimizer and schedule of one run, all validated."""
+
+    def __init__(self, cfg: DictConfig, run: RunDir):
+        self.cfg, self.run = cfg, run
+        check_trainer(cfg.trainer)
+        self.files = {}  # task -> split -> the file read: path, rows read, kept, skipped, sha256
+        data_files(cfg)  # every file there, before the model loads
+        self.sampler = build(cfg, "sampler")
+        self.train_tasks = self.sampler.tasks or list(cfg.data.tasks)
+        with config_key("sampler", cfg.sampler):
+            self.sampler.check(self.train_tasks)
+        self.schedule = build(cfg, "schedule")
+        self.gradient = build(cfg, "optim.gradient", seed=cfg.seed, tasks=len(self.train_tasks))
+        self.weighting = build(cfg, "weighting", tasks=self.train_tasks) if "weighting" in cfg \
+            else instantiate(EQUAL, tasks=self.train_tasks)
+        check_every_task(self.sampler, self.train_tasks, {"optim": self.gradient, "weighting": self.weighting})
+        check_pair_encodings(cfg, build_objectives(cfg, declared_tasks(cfg)))
+        torch.manual_seed(cfg.seed)
+        self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
+        self.tokenizer_digest = tokenizer_digest(self.tokenizer)
+        weights = dict(cfg.loss.get("weights") or {})
+        check_task_names(weights, self.tasks, "loss.weights")
+        self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}
+        bad = {t: w for t, w in self.weights.items() if not (math.isfinite(w) and w >= 0)}
+        if bad:
+            raise ConfigError(f"loss.weights must be finite and >= 0, got {bad}")
+        self.device = resolve_device(cfg.trainer.device)
+        self.precision = resolve_precision(cfg.trainer.precision, self.device)
+        if self.device.type == "cpu":  # mtbert.threads chose the policy as the process started
+            log.info("%d CPU threads, OMP_WAIT_POLICY %s", torch.get_num_threads(),
+                     os.environ.get("OMP_WAIT_POLICY", "unset: torch's default, spinning"))
+        self.model.to(self.device)
+        with config_key("weighting", cfg.get("weighting")):
+            self.weighting.bind(self.model)
+        self.weighting.to(self.device)
+        if cfg.trainer.compile:
+            self.model.compile_encoder()
+        groups = param_groups(self.model, cfg.optim.lr, self.tasks)
+        if self.weighting.parameters():
+            groups.append({"name": "weighting", "params": self.weighting.parameters(), "lr": self.weighting.lr})
+        self.optimizer = instantiate(cfg.optim.optimizer)(groups)
+        self.train, self.dev = self._load_data()
+        self.streams = {  # each task's batches, in this rank's share, from its own generator
+            t: TaskStream(self.train[t], cfg.data.batch_size,
+                          torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(t.encode())),
+                          cfg.trainer.bucket_batches, self.tokenizer.pad_token_id,
+                          distributed.rank(), distributed.world_size())
+            for t in self.train_tasks}
+
+    def _load_data(self):
+        cfg = self.cfg.data
+        rejected = RejectedRows(cfg.bad_rows)
+        train, dev = {}, {}
+        try:
+            for split, task, path in data_files(self.cfg, self.train_tasks):
+                rows = read_split(task, path, rejected, labelled=True,
+                                  limit=row_limit(cfg.limit[split], task.name))
+                self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
+                log.info("%s: %d rows, %d kept, %d skipped", path, rows.counts["rows"],
+                         rows.counts["kept"], rows.counts["skipped"])
+                (train if split == "train" else dev)[task.name] = encode(
+                    rows, self.tokenizer, cfg.max_length, self.model.encodings[task.name] == "siamese",
+                    cfg.cache_dir)
+        finally:
+            self.run.write_rejected(rejected)
+            if rejected.rows:
+                log.warning("%d bad row(s) skipped in all, listed in %s/rejected_rows.tsv",
+                            len(rejected.rows), self.run.path)
+        return train, dev
+
+
+def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tuple[str, Task, Path]]:
+    """(split, task, path) of every file a run reads: the training tasks' train files and
+    every task's dev file. Checks, before anything heavy loads, that each is there."""
+    root = Path(cfg.data.root).expanduser()
+    if not root.is_dir():
+        what = "is a file, not a folder" if root.is_file() else "is not a directory"
+        raise DataError(f"data.root={root} {what}. {DATA_HELP}")
+    tasks = declared_tasks(cfg)
+    train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
+    check_task_names(train_tasks, tasks, "sampler.tasks")
+    files = []
+    for split, names in (("train", train_tasks), ("dev", list(tasks))):
+        for name in names:
+            if split not in tasks[name].files:
+                raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "
+                                  "train (when trained) and dev files, test is optional")
+            path = root / tasks[name].files[split]
+            if not path.is_file():
+                read_text(path)  # says what the path is instead (missing, a folder, a loop)
+            files.append((split, tasks[name], path))
+    return files

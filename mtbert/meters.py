@@ -1,0 +1,61 @@
+"""The loop's pacing and running averages: when to log and save, the run's clock, the
+task losses between two log lines."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+class Every:
+    """True once every `seconds` of the clock (drqv2's `Every`): when to log, when to save."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.last = seconds, time.perf_counter()
+
+    def __call__(self) -> bool:
+        now = time.perf_counter()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
+
+
+class LossMeter:
+    """Each task's running loss, summed on the device; read (a host sync) when logged."""
+
+    def __init__(self, tasks: list[str], device: torch.device):
+        self.sums = {t: torch.zeros((), device=device) for t in tasks}
+        self.counts = dict.fromkeys(tasks, 0)
+
+    def add(self, losses: dict[str, torch.Tensor]):
+        for t, loss in losses.items():
+            self.sums[t] += loss
+            self.counts[t] += 1
+
+    def read(self) -> dict[str, float]:
+        """The means since the last read, of the tasks that had steps; then starts afresh."""
+        means = {t: (self.sums[t] / n).item() for t, n in self.counts.items() if n}
+        for t in self.sums:
+            self.sums[t].zero_()
+            self.counts[t] = 0
+        return means
+
+
+class Clock:
+    """The run's training seconds, counting those before a resume, and this process's pace."""
+
+    def __init__(self, before: float, step: int):
+        self.before, self.start, self.first_step = before, time.perf_counter(), step
+
+    def elapsed(self) -> float:
+        return self.before + time.perf_counter() - self.start
+
+    def step_seconds(self, step: int) -> float:
+        return (time.perf_counter() - self.start) / max(step - self.first_step, 1)
+
+
+def duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
