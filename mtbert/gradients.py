@@ -104,15 +104,17 @@ class GradientMethod:
     def __init__(self, seed: int = 0, tasks: int = 0):
         pass
 
-    def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter],
+    def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter], heads: list[nn.Parameter] = (),
                  diagnose: bool = False) -> dict | None:
-        """Write gradients into `.grad`; with `diagnose`, return the task gradients'
-        diagnostics (a `grad` event's fields)."""
+        """Write gradients into `.grad`, averaged over the ranks (the only place a step
+        averages gradients); with `diagnose`, return the task gradients' diagnostics (a
+        `grad` event's fields)."""
         if not diagnose and self.sums(losses):
             sum(losses.values()).backward()
-            distributed.average_([p.grad for p in shared if p.grad is not None])
+            distributed.average_([p.grad for p in [*shared, *heads] if p.grad is not None])
             return None
-        grads = TaskGradients(losses, shared, self.storage(len(losses), shared))
+        grads = TaskGradients(losses, shared, self.storage(len(losses), shared))  # averages each task's
+        distributed.average_([p.grad for p in heads if p.grad is not None])
         combined, projections = self.combine(grads)
         grads.write(combined)
         return grads.diagnostics(combined, projections) if diagnose else None

@@ -90,9 +90,8 @@ class Trainer:
             return {}
         weighted = s.weighting.weigh(losses)
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
-        diagnostics = s.gradient.backward(weighted, [p for p in self.shared if p.requires_grad],
+        diagnostics = s.gradient.backward(weighted, [p for p in self.shared if p.requires_grad], self.heads,
                                           diagnose=diagnose)
-        distributed.average_([p.grad for p in self.heads if p.grad is not None])
         if diagnostics:
             self.run.event("grad", self.step, **diagnostics, loss_weights=s.weighting.logged())
         s.optimizer.step()
