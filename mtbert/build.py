@@ -95,8 +95,7 @@ def pair_encodings(cfg: DictConfig, tasks: dict[str, Task], objectives: dict) ->
     """How each task's examples are encoded, decided once for the model and the data:
     'single', 'cross' (s1 [SEP] s2 in one sequence) or 'siamese' (each sentence alone,
     section 3.6). A cosine objective compares two embeddings, so its pairs are siamese
-    (`check_pair_encodings` refuses an explicit 'cross' for it before training; runs saved
-    before that check said 'cross' and were siamese, so they still load)."""
+    (`check_pair_encodings` refuses an explicit 'cross' for it)."""
     configured = cfg.model.get("pair_encoding") or {}
     encodings = {}
     for name, task in tasks.items():
@@ -117,6 +116,20 @@ def check_pair_encodings(cfg: DictConfig, objectives: dict):
                               f"({type(objective).__name__}), which compares two sentence embeddings and so "
                               f"encodes siamese: drop the override (null lets the loss decide) or choose "
                               f"a loss without a cosine head (loss=baseline)")
+
+
+def current_terms(saved: DictConfig) -> DictConfig:
+    """A config saved by an earlier mtbert, restated in today's keys with the meaning it had,
+    so that its runs still resume: before the `weighting` group the losses were summed with
+    equal weights; before `check_pair_encodings`, a 'cross' pair encoding under a cosine
+    loss was encoded siamese (the loss decided, as `null` says now)."""
+    if "weighting" not in saved:
+        saved.weighting = {"_target_": "mtbert.weighting.Equal"}
+    encodings = saved.model.get("pair_encoding") or {}
+    for name, objective in build_objectives(saved, declared_tasks(saved)).items():
+        if objective.head == "cosine" and encodings.get(name) == "cross":
+            encodings[name] = None
+    return saved
 
 
 def build_network(cfg: DictConfig):
@@ -163,7 +176,6 @@ def check_trainer(tcfg: DictConfig):
                               f"{'' if key in ('evals_per_epoch', 'epochs') else ' or null'}, got {value!r}")
 
 
-EQUAL = {"_target_": "mtbert.weighting.Equal"}  # runs saved before the weighting group
 
 
 def check_every_task(sampler, tasks: list[str], methods: dict):
@@ -198,8 +210,7 @@ class Setup:
             self.sampler.check(self.train_tasks)
         self.schedule = build(cfg, "schedule")
         self.gradient = build(cfg, "optim.gradient", seed=cfg.seed, tasks=len(self.train_tasks))
-        self.weighting = build(cfg, "weighting", tasks=self.train_tasks) if "weighting" in cfg \
-            else instantiate(EQUAL, tasks=self.train_tasks)
+        self.weighting = build(cfg, "weighting", tasks=self.train_tasks)
         check_every_task(self.sampler, self.train_tasks, {"optim": self.gradient, "weighting": self.weighting})
         check_pair_encodings(cfg, build_objectives(cfg, declared_tasks(cfg)))
         torch.manual_seed(cfg.seed)

@@ -25,7 +25,7 @@ from mtbert.data import RejectedRows, read_split
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.evaluate import predict
 from mtbert.rundir import load_model_weights
-from mtbert.build import build_network
+from mtbert.build import build_network, current_terms
 
 log = logging.getLogger("mtbert.predict")
 
@@ -50,7 +50,7 @@ def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None)
     for path in (config, checkpoint):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run_dir} a finished mtbert run directory?")
-    cfg = OmegaConf.load(config)
+    cfg = current_terms(OmegaConf.load(config))
     if data_root:
         cfg.data.root = data_root
     tasks, objectives, model, tokenizer = build_network(cfg)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
-from mtbert.build import EQUAL, ConfigError
+from mtbert.build import ConfigError, current_terms
 from mtbert.data import DataError
 
 log = logging.getLogger(__name__)
@@ -20,9 +20,7 @@ UNCHECKED = ("resume", "data.root", "trainer.keep_last")  # change no number
 
 
 def check_resumable(state: dict, path: Path, cfg: DictConfig, files: dict, tokenizer_digest: str):
-    saved = OmegaConf.create(state["config"])
-    if "weighting" not in saved:  # saved before the weighting group: its losses were equal
-        saved.weighting = EQUAL
+    saved = current_terms(OmegaConf.create(state["config"]))
     changed = sorted(k for k in config_diff(saved, cfg) if k not in UNCHECKED)
     if changed:
         raise ConfigError(f"{path} was written with another config (differs at {changed}); "

@@ -23,7 +23,7 @@ from mtbert.evaluate import format_table
 from mtbert.logger import Job, NoLogger
 from mtbert.data import DataError
 from mtbert.rundir import CheckpointError, ReadOnlyRunDir, RunDir, results_record
-from mtbert.build import ConfigError, data_files
+from mtbert.build import ConfigError, current_terms, data_files
 from mtbert.guards import Interrupted
 from mtbert.trainer import train
 
@@ -43,7 +43,7 @@ def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
         raise ValueError(f"resume continues {run_dir} with its own config ({original}); "
                          f"drop the other overrides {extra} (data.root= alone may point at the run's "
                          "data in another folder)")
-    saved = OmegaConf.load(original)
+    saved = current_terms(OmegaConf.load(original))
     saved.resume = cfg.resume
     if any(o.startswith("data.root=") for o in hydra.overrides.task):
         saved.data.root = cfg.data.root

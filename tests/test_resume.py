@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, read_results, run_train
 from mtbert.rundir import CheckpointError, RunDir, load_checkpoint, save_checkpoint
+from mtbert.build import current_terms
 from mtbert.guards import NonFiniteLoss
+from mtbert.predict import load_best
 from mtbert.trainer import Trainer
 
 RUN = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
@@ -167,3 +169,29 @@ def test_a_config_from_before_eval_every_steps_still_trains(tmp_path, data_dir):
     t = Trainer(cfg, RunDir(tmp_path / "run"))
     assert t.eval_every_steps is None
     assert t.fit()["steps"] == 5
+
+
+def test_a_run_saved_by_an_earlier_mtbert_resumes_and_predicts(tmp_path, data_dir):
+    """Its config lacks `weighting` and says 'cross' for a cosine STS loss, which was then
+    encoded siamese: both are read as they were meant, not refused."""
+    run_dir = tmp_path / "run"
+    run_train(*RUN, "loss=cosine", "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, data=data_dir)
+    done = read_results(run_dir)
+
+    def as_saved_before(yaml: str) -> str:
+        cfg = OmegaConf.create(yaml)
+        del cfg["weighting"]
+        cfg.model.pair_encoding = {"para": "cross", "sts": "cross"}
+        return OmegaConf.to_yaml(cfg)
+
+    config = run_dir / ".hydra" / "config.yaml"
+    config.write_text(as_saved_before(config.read_text()))
+    state = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    save_checkpoint({**state, "config": as_saved_before(state["config"])}, run_dir / "checkpoints" / "last.pt")
+    (run_dir / "results.json").write_text(json.dumps({**done, "status": "interrupted"}))
+
+    run_train(f"resume={run_dir}", cwd=tmp_path, data=data_dir)
+    assert read_results(run_dir)["status"] == "completed"
+    assert read_results(run_dir)["dev"] == done["dev"]
+    assert current_terms(OmegaConf.load(config)).model.pair_encoding.sts is None
+    assert load_best(run_dir, device="cpu").model is not None
