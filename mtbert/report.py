@@ -144,7 +144,7 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
             notes.insert(0, f"single-task baseline: trains {alone} only")
         row = {"row": name, "completed": len(done), "jobs": len(group), "single_task": alone,
                "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())}}
-        paper = dict(zip(PAPER_KEYS, PAPER.get(group[0].experiment, ())))
+        paper = dict(zip(PAPER_KEYS, PAPER.get(name, ())))  # a row with overrides is not the paper's
         for key in keys:
             values = {s: j.dev[key] for s, j in sorted(done.items()) if j.dev.get(key) is not None}
             v = list(values.values())

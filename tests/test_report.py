@@ -77,6 +77,15 @@ def test_rows_named_by_what_tells_them_apart(tmp_path):
     assert (tmp_path / "s" / "table.md").is_file()
 
 
+def test_an_ablation_of_a_paper_row_gets_no_paper_numbers(tmp_path):
+    fake_job(tmp_path / "s" / "0", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8))
+    fake_job(tmp_path / "s" / "1", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.7), overrides=["loss=baseline"])
+    report([tmp_path / "s"])
+    rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "s" / "table.csv"))}
+    assert float(rows["rro_hp_cs"]["sts_pearson_paper"]) == PAPER["rro_hp_cs"][2]
+    assert rows["rro_hp_cs loss=baseline"]["sts_pearson_paper"] == ""
+
+
 def test_an_added_task_gets_its_own_column(tmp_path):
     fake_job(tmp_path / "s" / "0", "rr_over", 0, dev={**dev(0.4, 0.7, 0.8), "nli_mnli_acc": 0.61})
     header, _, row = report([tmp_path / "s"]).splitlines()[2:5]
