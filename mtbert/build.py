@@ -176,8 +176,6 @@ def check_trainer(tcfg: DictConfig):
                               f"{'' if key in ('evals_per_epoch', 'epochs') else ' or null'}, got {value!r}")
 
 
-
-
 def check_every_task(sampler, tasks: list[str], methods: dict):
     """A method that combines the tasks of a step (a gradient aggregator, a loss weighting
     other than equal) does nothing where each step holds one task: refused, not run."""
