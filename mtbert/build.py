@@ -254,9 +254,12 @@ class Setup:
                 self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
                 log.info("%s: %d rows, %d kept, %d skipped", path, rows.counts["rows"],
                          rows.counts["kept"], rows.counts["skipped"])
-                (train if split == "train" else dev)[task.name] = encode(
-                    rows, self.tokenizer, cfg.max_length, self.model.encodings[task.name] == "siamese",
-                    cfg.cache_dir)
+                enc = encode(rows, self.tokenizer, cfg.max_length, self.model.encodings[task.name] == "siamese",
+                             cfg.cache_dir)
+                if split == "train":
+                    train[task.name] = enc
+                else:
+                    dev[task.name] = (task, enc)
         finally:
             self.run.write_rejected(rejected)
             if rejected.rows:
@@ -265,9 +268,26 @@ class Setup:
         return train, dev
 
 
+def evaluated_tasks(cfg: DictConfig, train_tasks: list[str]) -> list[str]:
+    """The tasks evaluated on dev, whose mean picks the best checkpoint (`trainer.eval_tasks`):
+    every declared task by default. A single-task baseline names its own task, since an
+    untrained head's score is noise that would sway the choice."""
+    tasks = declared_tasks(cfg)
+    names = OmegaConf.select(cfg, "trainer.eval_tasks")  # absent from older runs' configs
+    if names is None:
+        return list(tasks)
+    check_task_names(names, tasks, "trainer.eval_tasks")
+    left_out = [t for t in train_tasks if t not in names]
+    if left_out:
+        raise ConfigError(f"trainer.eval_tasks={list(names)} leaves out trained task(s) {left_out} "
+                          "(sampler.tasks), so the best checkpoint would be picked without them: add "
+                          "them, or set trainer.eval_tasks=null to evaluate every declared task")
+    return [t for t in tasks if t in names]
+
+
 def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tuple[str, Task, Path]]:
     """(split, task, path) of every file a run reads: the training tasks' train files and
-    every task's dev file. Checks, before anything heavy loads, that each is there."""
+    the evaluated tasks' dev files. Checks, before anything heavy loads, that each is there."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
         what = "is a file, not a folder" if root.is_file() else "is not a directory"
@@ -276,7 +296,7 @@ def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tu
     train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
     check_task_names(train_tasks, tasks, "sampler.tasks")
     files = []
-    for split, names in (("train", train_tasks), ("dev", list(tasks))):
+    for split, names in (("train", train_tasks), ("dev", evaluated_tasks(cfg, train_tasks))):
         for name in names:
             if split not in tasks[name].files:
                 raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "

@@ -239,15 +239,14 @@ class Trainer:
                  duration(self.elapsed), duration(eta))
 
     def evaluate(self) -> bool:
-        """Evaluate on every dev set, keep the best; True if `on_eval` asks to stop (a
-        pruned trial of `mtbert.tune`)."""
+        """Evaluate on the dev sets (`trainer.eval_tasks`), keep the best; True if `on_eval`
+        asks to stop (a pruned trial of `mtbert.tune`)."""
         s = self.setup
         self.nonfinite.check()
         self.last_eval = self.step
         t0 = time.perf_counter()
         metrics = distributed.broadcast_object(  # the ranks hold the same model: rank 0 evaluates
-            evaluate(s.model, {n: (s.tasks[n], s.dev[n]) for n in s.tasks}, s.objectives, s.device,
-                     s.precision) if distributed.rank() == 0 else None)
+            evaluate(s.model, s.dev, s.objectives, s.device, s.precision) if distributed.rank() == 0 else None)
         self.run.event("eval", self.step, epoch=self.epoch, dev=metrics, examples_seen=dict(self.seen),
                        eval_seconds=time.perf_counter() - t0)
         log.info("eval at step %d (epoch %d): %s", self.step, self.epoch, format_metrics(metrics))

@@ -78,6 +78,9 @@ def test_data_root_from_environment(monkeypatch):
     ("loss.weights.sts=inf", ConfigError, r"loss.weights must be finite and >= 0, got \{'sts': inf\}"),
     ("loss.weights.sst=nan", ConfigError, "loss.weights must be finite and >= 0"),
     ("trainer.eval_every_steps=-2", ConfigError, "trainer.eval_every_steps must be a whole number >= 1 or null"),
+    ("trainer.eval_tasks=[sst,imdb]", ConfigError, r"trainer.eval_tasks names unknown task\(s\) \['imdb'\]"),
+    ("trainer.eval_tasks=[sst]", ConfigError, r"trainer.eval_tasks=\['sst'\] leaves out trained task\(s\) "
+     r"\['para', 'sts'\] \(sampler.tasks\).*or set trainer.eval_tasks=null"),
     ("model.pair_encoding.sts=cross", ConfigError,
      r"model.pair_encoding.sts=cross contradicts loss.objectives.sts \(CosineMSE\)"),
 ])

@@ -107,6 +107,7 @@ def test_tiny_multirun_with_a_single_task_baseline_end_to_end(tmp_path, data_dir
     results = [json.loads((sweep / n / "results.json").read_text()) for n in ("0", "1", "2")]
     assert [r["experiment"] for r in results] == ["rr_under", "rr_over", "single_sst"]
     assert set(results[2]["examples_seen"]) == {"sst"}
+    assert results[2]["dev"] == {"sst_acc": results[2]["dev"]["sst_acc"], "mean": None, "overall": None}
     for r in results:
         row = next(line for line in table.splitlines() if line.startswith(f"| {r['experiment']} |"))
         assert f"{r['dev']['sst_acc']:.3f} (" in row and "| 1/1 |" in row

@@ -352,15 +352,14 @@ def ratios(v: dict[str, Timing], precision: str, other: str, overrides: list[str
 def run_eval(adam: MtbertStep, device, layer_n: int, peak: float) -> dict:
     """Time mtbert's full dev evaluation."""
     s = adam.trainer.setup
-    dev = {n: (s.tasks[n], s.dev[n]) for n in s.tasks}
     sync(device)
     start = time.perf_counter()
-    evaluate(s.model, dev, s.objectives, device, s.precision)
+    evaluate(s.model, s.dev, s.objectives, device, s.precision)
     sync(device)
     seconds = time.perf_counter() - start
-    tokens = sum(int(enc.offsets[-1]) for _, enc in dev.values())
-    return {"seconds": seconds, "examples": {n: len(enc) for n, (_, enc) in dev.items()},
-            "sentences_per_s": sum(len(enc.offsets) - 1 for _, enc in dev.values()) / seconds,
+    tokens = sum(int(enc.offsets[-1]) for _, enc in s.dev.values())
+    return {"seconds": seconds, "examples": {n: len(enc) for n, (_, enc) in s.dev.items()},
+            "sentences_per_s": sum(len(enc.offsets) - 1 for _, enc in s.dev.values()) / seconds,
             "tokens_per_s": tokens / seconds, "mfu": 2 * layer_n * tokens / seconds / peak}
 
 
@@ -380,7 +379,6 @@ def short_run(config, steps: int, device: torch.device, run_dir: Path, naive_upd
                                       "sentences_per_s": trainer.sentences / mtbert_seconds, "dev": fit["dev"]}}
 
     naive = NaiveLoop(config("optim=adam"), s.train_tasks, device, naive_update)
-    dev = {n: (s.tasks[n], s.dev[n]) for n in s.tasks}
     seconds = sentences = 0.0
     for step in range(1, steps + 1):
         sync(device)
@@ -390,11 +388,11 @@ def short_run(config, steps: int, device: torch.device, run_dir: Path, naive_upd
         seconds += time.perf_counter() - tick
         scored = {"steps": step, "train_seconds": seconds, "sentences_per_s": sentences / seconds}
         if "naive, mtbert's time" not in out and (seconds >= mtbert_seconds or step == steps):
-            out["naive, mtbert's time"] = {**scored, "dev": evaluate(naive.model, dev, naive.objectives,
+            out["naive, mtbert's time"] = {**scored, "dev": evaluate(naive.model, s.dev, naive.objectives,
                                                                       device, s.precision)}
         if step % max(1, steps // 10) == 0:
             print(f"short run: naive, step {step}/{steps}, {seconds:.0f} s", file=sys.stderr, flush=True)
-    out["naive"] = {**scored, "dev": evaluate(naive.model, dev, naive.objectives, device, s.precision)}
+    out["naive"] = {**scored, "dev": evaluate(naive.model, s.dev, naive.objectives, device, s.precision)}
     means = out["mtbert"]["dev"]["mean"], out["naive"]["dev"]["mean"]
     out["mean_vs_naive"] = None if None in means else means[0] - means[1]  # None: a constant STS prediction
     return out
