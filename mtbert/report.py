@@ -269,20 +269,26 @@ def fmt(value, digits=3, sign="") -> str:
     return "-" if value is None else f"{value:{sign}.{digits}f}"
 
 
-def cell(row: dict, key: str) -> str:
+def cell(row: dict, key: str, paper: bool) -> str:
     """`mean [low, high] (paper)`; the interval only with 2 seeds or more."""
     text = fmt(row[key])
     if row[f"{key}_low"] is not None:
         text += f" [{fmt(row[key + '_low'])}, {fmt(row[key + '_high'])}]"
-    return f"{text} ({fmt(row[key + '_paper'])})"
+    return f"{text} ({fmt(row[key + '_paper'])})" if paper else text
+
+
+def has_paper_rows(rows: list[dict], keys: list[str]) -> bool:
+    """Whether any row is one of the paper's, so that its numbers have a column to go in."""
+    return any(r[f"{k}_paper"] is not None for r in rows for k in keys)
 
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
-    head = ["row", *[f"{label(k)} (paper)" for k in keys], "seeds", "steps",
+    paper = has_paper_rows(rows, keys)
+    head = ["row", *[label(k) + (" (paper)" if paper else "") for k in keys], "seeds", "steps",
             "examples seen", "minutes", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["row"], *[cell(r, k) for k in keys]]
+        cells = [r["row"], *[cell(r, k, paper) for k in keys]]
         cells += [f"{r['completed']}/{r['jobs']}", fmt(r["steps"], digits=0),
                   ", ".join(f"{t} {n:,.0f}" for t, n in r["examples_seen"].items()) or "-",
                   fmt(r["minutes"], digits=1), r["notes"] or ""]
@@ -456,7 +462,8 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     comparisons = compare(rows, keys, reference, data_root)
     baselines, deltas = delta_m_rows(rows, keys)
     sections = ["Dev scores: the mean over completed seeds, its 95% Student-t interval over seeds in "
-                "brackets (with 2 seeds or more), the paper's number in parentheses.",
+                "brackets (with 2 seeds or more)"
+                + (", the paper's number in parentheses." if has_paper_rows(rows, keys) else "."),
                 "", markdown(rows, keys)]
     if comparisons:
         sections += ["", f"## Paired comparisons against {reference}", "",

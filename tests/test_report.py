@@ -86,6 +86,15 @@ def test_an_ablation_of_a_paper_row_gets_no_paper_numbers(tmp_path):
     assert rows["rro_hp_cs loss=baseline"]["sts_pearson_paper"] == ""
 
 
+def test_a_table_without_paper_rows_has_no_paper_column(tmp_path):
+    fake_job(tmp_path / "s" / "0", None, 0, dev=dev(0.4, 0.7, 0.8), overrides=["sampler=temperature"])
+    fake_job(tmp_path / "s" / "1", None, 0, dev=dev(0.5, 0.7, 0.8), overrides=["sampler=annealed"])
+    intro, _, header, _, row = report([tmp_path / "s"]).splitlines()[:5]
+    assert intro.endswith("(with 2 seeds or more).")
+    assert header.startswith("| row | SST acc | Quora acc | STS r | mean | seeds |")
+    assert row.startswith("| sampler=annealed | 0.500 | 0.700 | 0.800 | 0.667 | 1/1 |")
+
+
 def test_an_added_task_gets_its_own_column(tmp_path):
     fake_job(tmp_path / "s" / "0", "rr_over", 0, dev={**dev(0.4, 0.7, 0.8), "nli_mnli_acc": 0.61})
     header, _, row = report([tmp_path / "s"]).splitlines()[2:5]
