@@ -10,7 +10,8 @@ of prediction against gold (`<task>_scatter.png`) and the residual by gold bin
 (`<task>_errors.csv`: the largest predicted-class probability among wrong predictions, or
 the largest absolute error), the metric by sentence-length bin (`<task>_by_length.csv`),
 and `summary.md` with all of it in short. The paper picked its three examples by hand;
-here the rule picks them, for any declared task of either kind.
+here the rule picks them, for every task the run evaluated (`trainer.eval_tasks`), of
+either kind.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from mtbert.batching import encode
 from mtbert.data import DataError, RejectedRows, Split, Task, read_split
 from mtbert.evaluate import predict
 from mtbert.predict import load_best
-from mtbert.build import row_limit
+from mtbert.build import evaluated_tasks, row_limit
 
 LENGTH_BINS = 5  # sentence-length bins, by quantile of the dev set's lengths
 
@@ -39,7 +40,8 @@ def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str |
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files.", ""]
-    for name, task in tasks.items():
+    for name in evaluated_tasks(cfg):
+        task = tasks[name]
         rows = read_split(task, Path(cfg.data.root).expanduser() / task.files["dev"], RejectedRows("skip"),
                           labelled=True, limit=row_limit(cfg.data.limit.dev, name))  # the run's dev rows
         enc = encode(rows, tokenizer, cfg.data.max_length, model.encodings[name] == "siamese",

@@ -268,11 +268,12 @@ class Setup:
         return train, dev
 
 
-def evaluated_tasks(cfg: DictConfig, train_tasks: list[str]) -> list[str]:
+def evaluated_tasks(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[str]:
     """The tasks evaluated on dev, whose mean picks the best checkpoint (`trainer.eval_tasks`):
     every declared task by default. A single-task baseline names its own task, since an
     untrained head's score is noise that would sway the choice."""
     tasks = declared_tasks(cfg)
+    train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
     names = OmegaConf.select(cfg, "trainer.eval_tasks")  # absent from older runs' configs
     if names is None:
         return list(tasks)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import run_train
-from mtbert.analyze import classification
+from mtbert.analyze import analyze, classification
 from mtbert.data import Split, Task
 
 
@@ -61,3 +61,13 @@ def test_analyze_a_tiny_run(tmp_path, data_dir):
     assert f"## sts: Pearson r {dev['sts_pearson']:.4f} (40 examples)" in summary
     assert len(list(csv.DictReader(open(out / "sts_errors.csv")))) == 3
     assert "written to" in proc.stdout
+
+
+def test_a_single_task_baseline_is_analysed_on_its_own_task(tmp_path, data_dir, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_train("experiment=single_sts", "model=tiny", "budget=smoke", "logger=none", f"hydra.run.dir={run_dir}",
+              cwd=tmp_path, data=data_dir)
+    monkeypatch.setenv("MTBERT_CACHE_DIR", str(tmp_path / "cache"))
+    out = analyze(run_dir, top=3, device="cpu", data_root=str(data_dir))
+    assert sorted(p.name for p in out.iterdir()) == [
+        "sts_by_length.csv", "sts_errors.csv", "sts_residuals.csv", "sts_scatter.png", "summary.md"]
