@@ -268,21 +268,15 @@ class Setup:
         return train, dev
 
 
-def evaluated_tasks(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[str]:
+def evaluated_tasks(cfg: DictConfig) -> list[str]:
     """The tasks evaluated on dev, whose mean picks the best checkpoint (`trainer.eval_tasks`):
     every declared task by default. A single-task baseline names its own task, since an
     untrained head's score is noise that would sway the choice."""
     tasks = declared_tasks(cfg)
-    train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
     names = OmegaConf.select(cfg, "trainer.eval_tasks")  # absent from older runs' configs
     if names is None:
         return list(tasks)
     check_task_names(names, tasks, "trainer.eval_tasks")
-    left_out = [t for t in train_tasks if t not in names]
-    if left_out:
-        raise ConfigError(f"trainer.eval_tasks={list(names)} leaves out trained task(s) {left_out} "
-                          "(sampler.tasks), so the best checkpoint would be picked without them: add "
-                          "them, or set trainer.eval_tasks=null to evaluate every declared task")
     return [t for t in tasks if t in names]
 
 
@@ -296,8 +290,14 @@ def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tu
     tasks = declared_tasks(cfg)
     train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
     check_task_names(train_tasks, tasks, "sampler.tasks")
+    evaluated = evaluated_tasks(cfg)
+    left_out = [t for t in train_tasks if t not in evaluated]
+    if left_out:
+        raise ConfigError(f"trainer.eval_tasks={evaluated} leaves out trained task(s) {left_out} "
+                          "(sampler.tasks), so the best checkpoint would be picked without them: add "
+                          "them, or set trainer.eval_tasks=null to evaluate every declared task")
     files = []
-    for split, names in (("train", train_tasks), ("dev", evaluated_tasks(cfg, train_tasks))):
+    for split, names in (("train", train_tasks), ("dev", evaluated)):
         for name in names:
             if split not in tasks[name].files:
                 raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "
