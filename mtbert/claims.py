@@ -13,7 +13,8 @@ the report prints them) on a metric:
 A check is a paired t-test over the seeds both rows completed: `greater` tests the mean
 difference against `by`, `equal` against ±`margin` (two one-sided tests when the estimate
 lies inside the margin, a one-sided test beyond it otherwise). p-values are Holm-corrected
-across every check of the file. A check supports or contradicts its claim when its
+across the checks of the file that the report can test (both rows present, 2 seeds or more
+in common): a family that grows as the study's runs come in. A check supports or contradicts its claim when its
 corrected p < 0.05; a claim holds when all its checks support it, does not hold when one
 contradicts it, and is otherwise not resolved at this power.
 """

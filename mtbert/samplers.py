@@ -207,7 +207,7 @@ class Adaptive(Drawn):
         missing = sorted(set(tasks) - set(self.targets))
         if missing:
             raise ValueError(f"targets has no target for task(s) {missing}; add one "
-                             f"per trained task, e.g. 'sampler.targets.{missing[0]}=0.8'")
+                             f"per trained task, e.g. '+sampler.targets.{missing[0]}=0.8'")
 
     def observe(self, scores):
         self.scores = dict(scores)

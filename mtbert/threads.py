@@ -5,7 +5,7 @@ machine that is the fastest; on a machine busy with other processes they spin ag
 them and every region waits for a thread that lost its core: a MiniLM step ran 4-5x
 slower with 3 competing processes on 2 cores, 2.0-2.4x with passive waiting (sleeping).
 Passive waiting costs 5-30% on an idle machine, though (`python -m mtbert.bench.load`,
-experiments/bench/load.md). So mtbert looks once, as it starts: if other processes keep
+experiments/bench/load-minilm-cpu.md). So mtbert looks once, as it starts: if other processes keep
 the cores busy, OMP_WAIT_POLICY=PASSIVE; else torch's default. The policy changes speed
 only, never a number. A user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
 """

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
 from mtbert.batching import Batch
-from mtbert.build import ConfigError, Setup
+from mtbert.build import ConfigError, Setup, config_key
 from mtbert.device import autocast
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics, selection_score
@@ -50,6 +50,8 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.tcfg.max_steps)
         if self.total_steps < 1:
             raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
+        with config_key("weighting", cfg.weighting):
+            s.weighting.check(self.total_steps, self.steps_per_epoch)
         self.eval_every_steps = self.tcfg.get("eval_every_steps")  # absent from older runs' configs
         self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)

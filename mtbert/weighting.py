@@ -8,11 +8,11 @@ gradient per task), and the weights applied are what is logged. `GradNorm` (Chen
 2018), which torchjd lacks, learns its weights from the task gradients' norms on one
 shared weight matrix.
 
-The loop calls `weigh` before the backward, `after_step` after the optimizer step (with a
-function that recomputes the step's losses on the same batches, for methods that learn
-from the losses after the update, like FAMO) and `end_epoch`. Weights are computed from
-the losses averaged over all ranks, and rank 0's are used everywhere, so N processes
-weigh exactly as one process with the whole batch.
+The loop calls `check` once it knows the run's length, `weigh` before the backward,
+`after_step` after the optimizer step (with a function that recomputes the step's losses
+on the same batches, for methods that learn from the losses after the update, like FAMO)
+and `end_epoch`. Weights are computed from the losses averaged over all ranks, and rank
+0's are used everywhere, so N processes weigh exactly as one process with the whole batch.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ class Weighting:
     def to(self, device: torch.device) -> Weighting:
         return self
 
+    def check(self, total_steps: int, steps_per_epoch: int):
+        """Refuse (ValueError) a run too short for the method to do anything."""
+
     def weigh(self, losses: Losses) -> Losses:
         raise NotImplementedError
 
@@ -96,13 +99,33 @@ class Scalarized(Weighting):
     training task when it takes a `shape`. Its parameters (UW's log-variances, IMTL-L's
     scales) join the model's optimizer at `lr`; with `lr: null` none do (FAMO steps its
     own logits in `update`, which this class calls after each step with the recomputed
-    losses). A scalarizer with `step` (DWA) is stepped at each epoch's end.
+    losses). A scalarizer with `step` (DWA) is stepped at the end of each of its periods:
+    every `period` optimizer steps, or each of the sampler's epochs with `period: null`.
     """
 
-    def __init__(self, scalarizer: Callable[..., nn.Module], tasks: list[str], lr: float | None = None):
+    def __init__(self, scalarizer: Callable[..., nn.Module], tasks: list[str], lr: float | None = None,
+                 period: int | None = None):
         super().__init__(tasks, lr)
         takes_shape = "shape" in inspect.signature(scalarizer).parameters
         self.scalarizer = scalarizer(shape=len(self.tasks)) if takes_shape else scalarizer()
+        self.stepped = hasattr(self.scalarizer, "step")
+        if period is not None and not (self.stepped and isinstance(period, int) and period >= 1):
+            raise ValueError(f"period must be a whole number >= 1 of optimizer steps, for a scalarizer "
+                             f"stepped per epoch (DWA); got {period!r} for {type(self.scalarizer).__name__}")
+        self.period = period
+        self.steps = 0  # optimizer steps since the period began
+
+    def check(self, total_steps, steps_per_epoch):
+        """DWA keeps equal weights for its first two periods: a run of two periods or fewer
+        would be `weighting=equal` under another name."""
+        period = self.period or steps_per_epoch
+        if self.stepped and total_steps <= 2 * period:
+            name = type(self.scalarizer).__name__
+            per = f"weighting.period={self.period}" if self.period else f"an epoch, {steps_per_epoch} steps"
+            raise ValueError(
+                f"period: {name} keeps equal weights for its first two periods ({per} each), and this run "
+                f"has {total_steps} steps, so it would do nothing. Set weighting.period below {total_steps / 2:g} "
+                f"(e.g. weighting.period={max(1, total_steps // 8)}) or train more epochs")
 
     def parameters(self):
         return list(self.scalarizer.parameters()) if self.lr is not None else []
@@ -123,16 +146,22 @@ class Scalarized(Weighting):
         if hasattr(self.scalarizer, "update"):
             with torch.no_grad():
                 self.scalarizer.update(global_values(recompute()))
+        if self.period:
+            self.steps += 1
+            if self.steps == self.period:
+                self.steps = 0
+                self.scalarizer.step()
 
     def end_epoch(self):
-        if hasattr(self.scalarizer, "step"):
+        if self.stepped and not self.period:
             self.scalarizer.step()
 
     def state_dict(self):
-        return torchjd_state(self.scalarizer)
+        return {**torchjd_state(self.scalarizer), "steps": self.steps}
 
     def load_state_dict(self, state):
         load_torchjd_state(self.scalarizer, state)
+        self.steps = int(state.get("steps", 0))  # absent before weighting.period
 
 
 class GradNorm(Weighting):

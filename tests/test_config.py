@@ -104,7 +104,7 @@ def test_a_task_added_by_override_needs_an_adaptive_target_before_training(data_
              "sentences: [sentence], label: sentiment, classes: 5}")
     cfg = make("model=tiny", f"data.root={data_dir}", "sampler=adaptive", added)
     with pytest.raises(ConfigError, match=r"sampler.targets has no target for task\(s\) \['sst_copy'\]; "
-                                          r"add one per trained task, e.g. 'sampler.targets.sst_copy=0.8'"):
+                                          r"add one per trained task, e.g. '\+sampler.targets.sst_copy=0.8'"):
         Setup(cfg, RunDir(tmp_path / "run"))
     cfg = make("model=tiny", f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c", "sampler=adaptive",
                added, "+sampler.targets.sst_copy=0.5", "optim.lr.heads=1e-3")

@@ -58,6 +58,47 @@ def test_dwa_weights_are_t_softmax_of_loss_ratios_over_temperature():
     torch.testing.assert_close(dwa.applied, 3 * torch.softmax(ratios / 2.0, 0))
 
 
+def test_dwa_with_a_period_steps_its_history_every_period_optimizer_steps():
+    """`weighting.period=2`: DWA's epoch is two optimizer steps, whatever the sampler's epoch."""
+    dwa = Scalarized(partial(DWA, temperature=2.0), TASKS, period=2)
+    periods = [[4.0, 2.0, 1.0], [2.0, 1.5, 0.9]]
+    for losses in periods:
+        for _ in range(2):
+            dwa.weigh({t: torch.tensor(v, requires_grad=True) for t, v in zip(TASKS, losses)})
+            torch.testing.assert_close(dwa.applied, torch.ones(3))
+            dwa.end_epoch()  # the sampler's epoch no longer steps it
+            dwa.after_step(lambda: {})
+    dwa.weigh({t: torch.tensor(1.0, requires_grad=True) for t in TASKS})
+    ratios = torch.tensor(periods[1]) / torch.tensor(periods[0])
+    torch.testing.assert_close(dwa.applied, 3 * torch.softmax(ratios / 2.0, 0))
+
+
+@pytest.mark.parametrize("period, total, per_epoch, refused", [
+    (None, 400, 423, True), (None, 400, 267, True), (None, 400, 100, False),
+    (200, 400, 1000, True), (50, 400, 1000, False)])
+def test_dwa_refuses_a_run_too_short_for_its_weights_to_move(period, total, per_epoch, refused):
+    """Equal weights for two periods: a run of two periods or fewer is weighting=equal."""
+    dwa = Scalarized(partial(DWA), TASKS, period=period)
+    if not refused:
+        dwa.check(total, per_epoch)
+        return
+    with pytest.raises(ValueError, match=r"^period: DWA keeps equal weights .* weighting.period=50\)"):
+        dwa.check(total, per_epoch)
+
+
+def test_a_period_is_refused_for_a_scalarizer_without_epochs():
+    with pytest.raises(ValueError, match="period must be a whole number >= 1 .* for UW"):
+        Scalarized(partial(UW), TASKS, lr=1e-3, period=10)
+
+
+def test_dwa_in_a_one_epoch_run_is_refused_naming_the_key(tmp_path):
+    data = write_cs224n(tmp_path / "data", n=24)
+    cfg = compose_config("model=tiny", "budget=smoke", "logger=none", "weighting=dwa", "trainer.max_seconds=null",
+                         data=data, cache=tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"^weighting.period: DWA keeps equal weights"):
+        train(cfg, RunDir(tmp_path / "run"))
+
+
 def test_famo_learns_from_the_losses_recomputed_after_the_step():
     """The loop's after_step hook hands FAMO the losses after the update: its logits move
     as torchjd's FAMO used by hand moves them."""
@@ -173,3 +214,23 @@ def test_dwa_state_survives_a_checkpoint(tmp_path):
     fresh.weigh(step)
     assert not torch.allclose(dwa.applied, torch.ones(3))
     torch.testing.assert_close(fresh.applied, dwa.applied)
+
+
+def test_dwa_resumed_mid_period_ends_its_period_on_time(tmp_path):
+    """The steps into the current period are saved: a resumed DWA steps when the original does."""
+    from mtbert.rundir import load_checkpoint, save_checkpoint
+
+    def feed(dwa, losses):
+        for values in losses:
+            dwa.weigh({t: torch.tensor(v, requires_grad=True) for t, v in zip(TASKS, values)})
+            dwa.after_step(lambda: {})
+
+    dwa, resumed = Scalarized(partial(DWA), TASKS, period=3), Scalarized(partial(DWA), TASKS, period=3)
+    feed(dwa, [[4.0, 2.0, 1.0]] * 3 + [[2.0, 1.5, 0.9]])  # one step into the second period
+    save_checkpoint({"weighting": dwa.state_dict()}, tmp_path / "w.pt")
+    resumed.load_state_dict(load_checkpoint(tmp_path / "w.pt")["weighting"])
+    for run in (dwa, resumed):
+        feed(run, [[2.0, 1.5, 0.9]] * 2)
+        run.weigh({t: torch.tensor(1.0, requires_grad=True) for t in TASKS})
+    assert not torch.allclose(dwa.applied, torch.ones(3))  # two periods done: the weights moved
+    torch.testing.assert_close(resumed.applied, dwa.applied)
