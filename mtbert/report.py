@@ -239,8 +239,10 @@ def read_predictions(path: Path) -> dict[str, float]:
 
 
 def delta_m_rows(rows: list[dict], keys: list[str]) -> tuple[dict[str, float], list[dict]]:
-    """Δm of every multitask row against the single-task rows (one per task, seed mean)."""
-    baselines = {}
+    """Δm of every multitask row against the single-task rows (one per task): of the seed
+    means, as LibMTL reports it, and seed by seed (each seed's Δm against the baselines'
+    same seed, on the seeds that the row and every baseline completed), with its t-interval."""
+    baselines, base_seeds = {}, {}
     for row in rows:
         task = row["single_task"]
         if task:
@@ -248,7 +250,7 @@ def delta_m_rows(rows: list[dict], keys: list[str]) -> tuple[dict[str, float], l
             if key and row[key] is not None:
                 if key in baselines:
                     raise ValueError(f"two single-task rows train {task}; give the report one of them")
-                baselines[key] = row[key]
+                baselines[key], base_seeds[key] = row[key], row[f"{key}_seeds"]
     if not baselines:
         return {}, []
     out = []
@@ -256,7 +258,12 @@ def delta_m_rows(rows: list[dict], keys: list[str]) -> tuple[dict[str, float], l
         if not row["single_task"]:
             change = {k: (row[k] - b) / abs(b) * 100 if row[k] is not None and b else None
                       for k, b in baselines.items()}
-            out.append({"row": row["row"], "delta_m": stats.delta_m(row, baselines), **change})
+            seeds = sorted(set.intersection(*(set(row[f"{k}_seeds"]) & set(base_seeds[k]) for k in baselines)))
+            by_seed = [stats.delta_m({k: row[f"{k}_seeds"][s] for k in baselines},
+                                     {k: base_seeds[k][s] for k in baselines}) for s in seeds]
+            out.append({"row": row["row"], "delta_m": stats.delta_m(row, baselines), **change,
+                        "by_seed": mean_or_none(by_seed), "by_seed_ci": stats.interval(by_seed),
+                        "seeds": seeds})
     return baselines, out
 
 
@@ -326,11 +333,16 @@ def fmt_p(p) -> str:
 def delta_m_markdown(baselines: dict[str, float], rows: list[dict]) -> str:
     keys = list(baselines)
     lines = ["Δm: the mean relative change (%) of each task's metric over its single-task baseline "
-             "(" + ", ".join(f"{label(k)} {v:.3f}" for k, v in baselines.items()) + "), seed means.",
-             "", "| row | Δm (%) | " + " | ".join(f"{label(k)} (%)" for k in keys) + " |",
-             "|---|---|" + "---|" * len(keys)]
+             "(" + ", ".join(f"{label(k)} {v:.3f}" for k, v in baselines.items()) + "), of the seed "
+             "means; then seed by seed (each seed against the baselines' same seed), its mean and "
+             "95% t-interval over the seeds that the row and every baseline completed.",
+             "", "| row | Δm (%) | Δm by seed (%) | seeds | " + " | ".join(f"{label(k)} (%)" for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]
     for r in rows:
-        lines.append(f"| {r['row']} | {fmt(r['delta_m'], 2, '+')} | "
+        ci = r["by_seed_ci"]
+        paired = fmt(r["by_seed"], 2, "+") + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
+        lines.append(f"| {r['row']} | {fmt(r['delta_m'], 2, '+')} | {paired} | "
+                     f"{', '.join(map(str, r['seeds'])) or '-'} | "
                      + " | ".join(fmt(r[k], 2, "+") for k in keys) + " |")
     return "\n".join(lines)
 

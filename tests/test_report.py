@@ -122,7 +122,7 @@ def test_tiny_multirun_with_a_single_task_baseline_end_to_end(tmp_path, data_dir
         assert f"{r['dev']['sst_acc']:.3f} (" in row and "| 1/1 |" in row
     baseline = results[2]["dev"]["sst_acc"]
     over = (results[1]["dev"]["sst_acc"] - baseline) / baseline * 100
-    assert f"| rr_over | {over:+.2f} | {over:+.2f} |" in table  # Δm over the one task with a baseline
+    assert f"| rr_over | {over:+.2f} | {over:+.2f} | 0 | {over:+.2f} |" in table  # over the one task with a baseline
 
 
 def sweep_of(tmp_path, rows: dict, seeds=range(5), name="sweep"):
@@ -251,9 +251,29 @@ def test_delta_m_by_hand_on_two_tasks(tmp_path):
     fake_job(sweep / "2", "single_sts", 0, dev={"sst_acc": 0.2, "sts_pearson": 1.0, "mean": None}, tasks=["sts"])
     text = report([sweep], tmp_path / "out")
     expected = 100 * ((0.5 - 0.4) / 0.4 + (0.8 - 1.0) / 1.0) / 2  # +25% and -20%: +2.5%
-    assert f"| rr_over | {expected:+.2f} | +25.00 | -20.00 |" in text
+    assert f"| rr_over | {expected:+.2f} | {expected:+.2f} | 0 | +25.00 | -20.00 |" in text
     assert "single-task baseline: trains sst only" in text
     assert stats.delta_m({"a": 0.5, "b": 0.8}, {"a": 0.4, "b": 1.0}) == pytest.approx(expected)
+
+
+def test_delta_m_by_seed_pairs_each_seed_with_the_baselines_same_seed(tmp_path):
+    """Seed by seed, on the seeds every baseline has (single_sst lacks seed 2): a different
+    number from the Δm of the seed means, with a t-interval over the seeds."""
+    sweep = tmp_path / "s"
+    multi = {0: (0.50, 0.80), 1: (0.44, 0.86), 2: (0.47, 0.83)}
+    sst, sts = {0: 0.40, 1: 0.40}, {0: 1.0, 1: 0.9, 2: 0.8}
+    for seed, (a, b) in multi.items():
+        fake_job(sweep / f"m{seed}", "rr_over", seed, dev={"sst_acc": a, "sts_pearson": b, "mean": None})
+        fake_job(sweep / f"b{seed}", "single_sts", seed, dev={"sst_acc": 0.2, "sts_pearson": sts[seed], "mean": None},
+                 tasks=["sts"])
+        if seed in sst:
+            fake_job(sweep / f"a{seed}", "single_sst", seed, dev={"sst_acc": sst[seed], "sts_pearson": 0.1, "mean": None},
+                     tasks=["sst"])
+    text = report([sweep], tmp_path / "out")
+    by_seed = [100 * ((multi[s][0] - sst[s]) / sst[s] + (multi[s][1] - sts[s]) / sts[s]) / 2 for s in (0, 1)]
+    ci = scipy_stats.ttest_1samp(by_seed, 0).confidence_interval(0.95)
+    of_means = 100 * ((0.47 - 0.40) / 0.40 + (0.83 - 0.9) / 0.9) / 2
+    assert f"| rr_over | {of_means:+.2f} | {np.mean(by_seed):+.2f} [{ci.low:+.2f}, {ci.high:+.2f}] | 0, 1 |" in text
 
 
 CLAIMS = """
