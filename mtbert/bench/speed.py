@@ -67,6 +67,10 @@ TARGETS = {  # issue 6, CPU with MiniLM
 }
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PEAK_SECONDS = 0.1  # a matmul of the peak search longer than this ends it
+
+
 def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -74,19 +78,27 @@ def sync(device: torch.device):
 
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of the fastest of a few large square matmuls: the practical peak. It runs
-    in every round, beside the variants, and the best round counts."""
-    size, inner = (8192, 10) if device.type == "cuda" else (2048, 1)
-    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
-    a @ b
-    best = float("inf")
-    for _ in range(3):
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * inner / best
+    in every round, beside the variants, and the best round counts. The size doubles up
+    to the cap while a matmul stays short: a CPU without native bf16 multiplies bf16 at
+    well under 1 GFLOP/s, and one 2048-square product would take minutes."""
+    cap, inner = (8192, 10) if device.type == "cuda" else (2048, 1)
+    best, size = 0.0, 256
+    while size <= cap:
+        a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+        a @ b
+        seconds = float("inf")
+        for _ in range(3):
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                a @ b
+            sync(device)
+            seconds = min(seconds, time.perf_counter() - start)
+        best = max(best, 2 * size**3 * inner / seconds)
+        if seconds > PEAK_SECONDS:
+            break
+        size *= 2
+    return best
 
 
 def layer_params(model) -> int:
@@ -294,10 +306,11 @@ def run(args) -> dict:
             variants[f"mtbert adam {override}"] = Timing(
                 MtbertStep(config("optim=adam", override), Path(tmp) / f"variant{i}"))
         layer_n = layer_params(adam.model)
-        peaks = {"fp32": 0.0, "bf16": 0.0}
+        used = {precision, *(v.runner.precision for v in variants.values())}
+        peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
         for r in range(args.rounds + 1):  # round 0 is the warmup
-            for p, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                peaks[p] = max(peaks[p], matmul_peak(device, dtype))
+            for p in peaks:
+                peaks[p] = max(peaks[p], matmul_peak(device, DTYPES[p]))
             for v in list(variants.values())[::-1 if r % 2 else 1]:
                 v.run(args.warmup if r == 0 else args.steps, device, record=r > 0)
             if r:
