@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT, compose_config
+from mtbert.bench import speed
 from mtbert.bench.speed import NaiveLoop
 
 PAPER_KEYS = {"sst_acc", "para_acc", "sts_pearson", "mean", "overall"}
@@ -60,6 +61,18 @@ def test_bench_cli_reports_every_variant(tmp_path, data_dir):
     assert "| naive | fp32 |" in report and "| speedup_vs_naive |" in report and "eval (full dev" in report
     assert "| naive, mtbert's time |" in report
     assert report in proc.stdout
+
+
+def test_matmul_peak_stops_growing_at_the_first_long_product(monkeypatch):
+    sizes, randn = [], torch.randn
+    monkeypatch.setattr(speed.torch, "randn", lambda *shape, **kw: sizes.append(shape) or randn(*shape, **kw))
+    monkeypatch.setattr(speed, "PEAK_SECONDS", float("inf"))  # no product is long: doubled up to the cap
+    assert speed.matmul_peak(torch.device("cpu"), torch.float32) > 0
+    assert sizes == [(n, n) for n in (256, 512, 1024, 2048) for _ in range(2)]
+    sizes.clear()
+    monkeypatch.setattr(speed, "PEAK_SECONDS", 0.0)  # every product is "long": bf16 on a CPU without it
+    speed.matmul_peak(torch.device("cpu"), torch.bfloat16)
+    assert sizes == [(256, 256)] * 2
 
 
 @pytest.fixture
