@@ -28,6 +28,11 @@ from mtbert.guards import Interrupted
 from mtbert.trainer import train
 
 log = logging.getLogger(__name__)
+USER_ERRORS = (ConfigError, DataError, CheckpointError)  # the user's to mend: shown as one message, not a traceback
+
+
+def refuse(e: Exception):
+    sys.exit(f"error: {type(e).__name__}: {e}")
 
 
 def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
@@ -36,11 +41,11 @@ def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
     run_dir = Path(cfg.resume)
     original = run_dir / ".hydra" / "config.yaml"
     if not original.is_file():
-        raise FileNotFoundError(f"resume={run_dir}: {original} not found; give the directory "
+        raise ConfigError(f"resume={run_dir}: {original} not found; give the directory "
                                 "of an mtbert run (it holds .hydra/ and checkpoints/)")
     extra = [o for o in hydra.overrides.task if not o.startswith(("resume=", "data.root="))]
     if extra:
-        raise ValueError(f"resume continues {run_dir} with its own config ({original}); "
+        raise ConfigError(f"resume continues {run_dir} with its own config ({original}); "
                          f"drop the other overrides {extra} (data.root= alone may point at the run's "
                          "data in another folder)")
     saved = current_terms(OmegaConf.load(original))
@@ -83,7 +88,10 @@ def main(cfg: DictConfig) -> dict:
     if not cfg.resume:
         previous = None
     if cfg.resume:
-        cfg, experiment = resumed_config(cfg, hydra)
+        try:
+            cfg, experiment = resumed_config(cfg, hydra)
+        except ConfigError as e:
+            refuse(e)
     results = results_record(experiment=experiment, seed=cfg.seed)
     logger, run = NoLogger(), None
     start = time.perf_counter()
@@ -108,13 +116,13 @@ def main(cfg: DictConfig) -> dict:
     except Interrupted as e:
         results.update(previous or {}, **e.results, status="interrupted", error=str(e))
         sys.exit(f"interrupted: {e}")
-    except (ConfigError, DataError, CheckpointError) as e:
+    except USER_ERRORS as e:
         if previous is None:
             results["error"] = f"{type(e).__name__}: {e}"
         else:  # a refused resume leaves the run as it was: still resumable, not failed
             results.update(previous, error=f"resume refused: {type(e).__name__}: {e}")
         if hydra.mode != RunMode.MULTIRUN:
-            raise
+            refuse(e)
         log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir)
     except SystemExit:  # submitit requeued the job after last.pt was saved
         results.update(status="interrupted", error="requeued by submitit; it resumes from checkpoints/last.pt")

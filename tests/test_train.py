@@ -83,7 +83,8 @@ def test_bad_rows_skip_then_error(tmp_path, data_dir):
     proc = run_train(*SMOKE, f"hydra.run.dir={run_dir}", "data.limit.train=null",
                      "data.bad_rows=error", cwd=tmp_path, data=data_dir, check=False)
     assert proc.returncode != 0
-    assert "sts-train.csv, line 62: label '7.5' is outside 0.0..5.0" in proc.stderr
+    assert "error: DataError: " in proc.stderr and "sts-train.csv, line 62: label '7.5' is outside 0.0..5.0" in proc.stderr
+    assert "Traceback" not in proc.stderr, "a user's mistake is one message, not a stack trace"
     results = read_results(run_dir)
     assert results["status"] == "failed" and "line 62" in results["error"]
 
