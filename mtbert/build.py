@@ -26,13 +26,16 @@ from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split, re
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
-from mtbert.rundir import RunDir
+from mtbert.rundir import CheckpointError, RunDir
 
 log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
     pass
+
+
+USER_ERRORS = (ConfigError, DataError, CheckpointError)  # the user's to mend: one message, not a traceback
 
 
 @contextmanager

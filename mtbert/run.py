@@ -21,14 +21,12 @@ from mtbert import distributed
 from mtbert.device import resolve_device
 from mtbert.evaluate import format_table
 from mtbert.logger import Job, NoLogger
-from mtbert.data import DataError
-from mtbert.rundir import CheckpointError, ReadOnlyRunDir, RunDir, results_record
-from mtbert.build import ConfigError, current_terms, data_files
+from mtbert.rundir import ReadOnlyRunDir, RunDir, results_record
+from mtbert.build import USER_ERRORS, ConfigError, current_terms, data_files
 from mtbert.guards import Interrupted
 from mtbert.trainer import train
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (ConfigError, DataError, CheckpointError)  # the user's to mend: shown as one message, not a traceback
 
 
 def refuse(e: Exception):

@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    cfg = compose_config(args.overrides)
+    try:
+        cfg = compose_config(args.overrides)
+    except HydraException as e:  # an unknown option or key: Hydra's message says which
+        sys.exit(f"error: {e}")
     if cfg.get("hpo") is None:
         sys.exit("error: name a search space, e.g. hpo=paper_rates (conf/hpo/)")
     hpo = cfg.hpo

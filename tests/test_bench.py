@@ -122,3 +122,14 @@ def test_load_bench_reports_each_setting_under_each_load(tmp_path, data_dir):
     assert r["chosen"]["1"] == ["PASSIVE"]  # a competing busy process: mtbert would wait passively
     assert r["targets"]["1 competing"]["chosen"] == "passive"
     assert re.search(r"\| passive \| \d+ \|", out_md.read_text())  # threads: the machine's, or OMP_NUM_THREADS
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--override", "sampler=nope"], "Could not find 'sampler/nope'"),
+    ([], "data.root="),  # no data folder: how to get the files
+])
+def test_a_bad_option_or_data_folder_is_one_error_line(args, message, tmp_path, monkeypatch):
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as e:
+        speed.main(["--model", "tiny", "--device", "cpu", *args])
+    assert str(e.value).startswith("error: ") and message in str(e.value)

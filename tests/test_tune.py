@@ -86,3 +86,14 @@ def test_a_stopped_study_continues_and_a_failing_trial_does_not_stop_it(data, tm
 def test_the_search_space_is_checked_before_any_trial(space, message, data):
     with pytest.raises(SpaceError, match=message.replace(".", r"\.").replace("`", ".")):
         check_space(space, TINY)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["hpo=nope"], "Could not find 'hpo/nope'"),
+    (["hpo=paper_rates", "hpo.n_trials=3"], "Could not override 'hpo.n_trials'"),
+    ([], "name a search space, e.g. hpo=paper_rates"),
+])
+def test_a_bad_command_line_is_one_error_line(overrides, message):
+    with pytest.raises(SystemExit) as e:
+        main(overrides)
+    assert str(e.value).startswith("error: ") and message in str(e.value)

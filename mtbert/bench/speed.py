@@ -46,6 +46,7 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 from mtbert.batching import Batch
@@ -54,7 +55,7 @@ from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.evaluate import evaluate
 from mtbert.rundir import RunDir, read_events
-from mtbert.build import build_network, param_groups, row_limit
+from mtbert.build import USER_ERRORS, build_network, param_groups, row_limit
 from mtbert.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -503,6 +504,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="write the result: .json or .md (repeatable)")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    result = run(args)
+    try:
+        result = run(args)
+    except (HydraException, *USER_ERRORS) as e:  # a bad option, key or data folder
+        sys.exit(f"error: {e}")
     publish(result, markdown(result), args.out)
     return result
