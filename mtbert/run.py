@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -29,7 +30,8 @@ from mtbert.trainer import train
 log = logging.getLogger(__name__)
 
 
-def refuse(e: Exception):
+def refuse(e: Exception) -> NoReturn:
+    """A user's mistake ends the run with its message alone: a traceback would bury it."""
     sys.exit(f"error: {type(e).__name__}: {e}")
 
 
@@ -40,12 +42,12 @@ def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
     original = run_dir / ".hydra" / "config.yaml"
     if not original.is_file():
         raise ConfigError(f"resume={run_dir}: {original} not found; give the directory "
-                                "of an mtbert run (it holds .hydra/ and checkpoints/)")
+                          "of an mtbert run (it holds .hydra/ and checkpoints/)")
     extra = [o for o in hydra.overrides.task if not o.startswith(("resume=", "data.root="))]
     if extra:
         raise ConfigError(f"resume continues {run_dir} with its own config ({original}); "
-                         f"drop the other overrides {extra} (data.root= alone may point at the run's "
-                         "data in another folder)")
+                          f"drop the other overrides {extra} (data.root= alone may point at the run's "
+                          "data in another folder)")
     saved = current_terms(OmegaConf.load(original))
     saved.resume = cfg.resume
     if any(o.startswith("data.root=") for o in hydra.overrides.task):
