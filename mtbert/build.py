@@ -185,7 +185,7 @@ def check_every_task(sampler, tasks: list[str], methods: dict):
     for key, method in methods.items():
         if not method.every_task:
             continue
-        name, other = type(method).__name__, "optim=adam" if key == "optim" else "weighting=equal"
+        name, other = method.name, "optim=adam" if key == "optim" else "weighting=equal"
         if len(tasks) < 2:
             raise ConfigError(f"{key} ({name}) combines the tasks of each step, but only {tasks} trains "
                               f"(sampler.tasks); train two tasks or more, or use {other}")

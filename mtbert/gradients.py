@@ -104,6 +104,11 @@ class GradientMethod:
     def __init__(self, seed: int = 0, tasks: int = 0):
         pass
 
+    @property
+    def name(self) -> str:
+        """What messages call the method: the paper's name."""
+        return type(self).__name__
+
     def backward(self, losses: dict[str, Tensor], shared: list[nn.Parameter], heads: list[nn.Parameter] = (),
                  diagnose: bool = False) -> dict | None:
         """Write gradients into `.grad`, averaged over the ranks (the only place a step
@@ -210,6 +215,10 @@ class Aggregated(GradientMethod):
             takes_tasks = "n_tasks" in inspect.signature(aggregator).parameters
             aggregator = aggregator(n_tasks=tasks) if takes_tasks else aggregator()
         self.aggregator = aggregator
+
+    @property
+    def name(self) -> str:
+        return type(self.aggregator).__name__
 
     def combine(self, grads):
         return self.aggregator(grads.matrix), None

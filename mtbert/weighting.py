@@ -46,6 +46,11 @@ class Weighting:
         self.tasks, self.lr = list(tasks), lr
         self.applied: Tensor | None = None  # the last step's weights, for the grad events
 
+    @property
+    def name(self) -> str:
+        """What messages call the method: the paper's name."""
+        return type(self).__name__
+
     def bind(self, model: nn.Module):
         """Called once the model is built, for methods that read its parameters."""
 
@@ -111,19 +116,22 @@ class Scalarized(Weighting):
         self.stepped = hasattr(self.scalarizer, "step")
         if period is not None and not (self.stepped and isinstance(period, int) and period >= 1):
             raise ValueError(f"period must be a whole number >= 1 of optimizer steps, for a scalarizer "
-                             f"stepped per epoch (DWA); got {period!r} for {type(self.scalarizer).__name__}")
+                             f"stepped per epoch (DWA); got {period!r} for {self.name}")
         self.period = period
         self.steps = 0  # optimizer steps since the period began
+
+    @property
+    def name(self) -> str:
+        return type(self.scalarizer).__name__
 
     def check(self, total_steps, steps_per_epoch):
         """DWA keeps equal weights for its first two periods: a run of two periods or fewer
         would be `weighting=equal` under another name."""
         period = self.period or steps_per_epoch
         if self.stepped and total_steps <= 2 * period:
-            name = type(self.scalarizer).__name__
             per = f"weighting.period={self.period}" if self.period else f"an epoch, {steps_per_epoch} steps"
             raise ValueError(
-                f"period: {name} keeps equal weights for its first two periods ({per} each), and this run "
+                f"period: {self.name} keeps equal weights for its first two periods ({per} each), and this run "
                 f"has {total_steps} steps, so it would do nothing. Set weighting.period below {total_steps / 2:g} "
                 f"(e.g. weighting.period={max(1, total_steps // 8)}) or train more epochs")
 

@@ -169,8 +169,8 @@ def test_gradnorm_names_an_unknown_parameter():
 
 @pytest.mark.parametrize("overrides, names", [
     (("sampler=sequential", "optim=pcgrad"), ("optim (PCGrad)", "RandomSequential", "optim=adam")),
-    (("sampler=annealed", "weighting=uw"), ("weighting (Scalarized)", "Annealed", "weighting=equal")),
-    (("sampler.per_task=true", "optim=upgrad"), ("per_task=true", "sampler=rr_over")),
+    (("sampler=annealed", "weighting=uw"), ("weighting (UW)", "Annealed", "weighting=equal")),
+    (("sampler.per_task=true", "optim=upgrad"), ("optim (UPGrad)", "per_task=true", "sampler=rr_over")),
     (("sampler.tasks=[sst]", "weighting=gradnorm"), ("only ['sst'] trains", "weighting=equal")),
 ])
 def test_a_method_that_would_do_nothing_is_refused_before_training(overrides, names, tmp_path):
