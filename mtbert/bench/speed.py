@@ -11,7 +11,7 @@ One process, one backbone, the same real data, four kinds of work:
           adam's batch streams makes the very same batches);
   mtbert  the project's own `Trainer.next_batches` + `Trainer.training_step`, with
           optim=adam and optim=pcgrad (and on request fp32, unbucketed and `--variant`
-          KEY=VALUE variants, each timed beside the default);
+          'KEY=VALUE ...' variants, each timed beside the default);
   eval    `mtbert.evaluate.evaluate` over the full dev sets.
 With `--train-steps N`, a short real run then trains a fresh mtbert (`Trainer.fit`, as
 `python train.py` does) and a fresh naive loop for N steps each, the same examples of
@@ -305,7 +305,7 @@ def run(args) -> dict:
                 MtbertStep(config("optim=adam", "trainer.bucket_batches=1"), Path(tmp) / "unbucketed"))
         for i, override in enumerate(args.variant):
             variants[f"mtbert adam {override}"] = Timing(
-                MtbertStep(config("optim=adam", override), Path(tmp) / f"variant{i}"))
+                MtbertStep(config("optim=adam", *override.split()), Path(tmp) / f"variant{i}"))
         layer_n = layer_params(adam.model)
         used = {precision, *(v.runner.precision for v in variants.values())}
         peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
@@ -493,8 +493,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also run mtbert adam in the other precision")
     parser.add_argument("--compare-bucketing", action="store_true",
                         help="also run mtbert adam without length bucketing")
-    parser.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE",
-                        help="also time mtbert adam with this Hydra override, and its speed ratio (repeatable)")
+    parser.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
+                        help="also time mtbert adam with these Hydra overrides (space-separated: one "
+                             "variant), and its speed ratio (repeatable)")
     parser.add_argument("--naive-update", choices=NaiveLoop.updates, default="combined",
                         help="the naive loop's AdamW steps: one on the summed loss (mtbert's update) "
                              "or one after each task")
