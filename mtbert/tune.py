@@ -144,6 +144,7 @@ class Objective:
         finally:
             results["train_seconds"] = results["train_seconds"] or time.perf_counter() - start
             run.write_results(results)
+            run.drop_checkpoint("last")  # a trial is never resumed: a killed one fails, a new one is drawn
             logger.finish(results)
             run.close()
         print(format_table(results["dev"]))

@@ -38,6 +38,9 @@ def test_a_study_writes_best_csv_and_plots_and_its_command_reproduces_the_best_t
     assert saved.value == best["value"] == max(float(r["mean"]) for r in rows if r["state"] == "COMPLETE")
     trial_dir = study / "trials" / f"{saved.trial:04d}"
     assert read_results(trial_dir)["status"] == "completed"
+    for n in range(4):  # a trial keeps its best weights, not the resume state it never needs
+        checkpoints = sorted(p.name for p in (study / "trials" / f"{n:04d}" / "checkpoints").iterdir())
+        assert checkpoints == ["best.safetensors"], checkpoints
     assert saved.command.startswith("python train.py experiment=rro_hp_cs model=tiny")
     assert "optim.lr.heads.sts=" in saved.command
 
