@@ -69,7 +69,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds, those before a resume included
         self.encoder_on = None  # the schedule's phase the model is in; set at the first step
         self.nonfinite = NonFiniteWatch(s.train_tasks, s.device)
-        self.on_eval = None  # (step, dev metrics) -> stop now?, after each evaluation
+        self.on_eval = None  # (step, dev metrics) -> stop now?, after each evaluation but the last
 
     # -- one step ---------------------------------------------------------------------
     def next_batches(self, step_tasks) -> dict[str, Batch]:
@@ -147,7 +147,7 @@ class Trainer:
                 if log_due() or done:
                     self.log_progress(meter, clock.step_seconds(self.step))
                 if self.eval_due() or done:
-                    done = self.evaluate() or done
+                    done = self.evaluate(last=done) or done
                 stopping = distributed.any_(stop.received is not None)
                 if stopping or save_due():
                     self.save_last()
@@ -158,7 +158,7 @@ class Trainer:
                 if done:
                     break
             if self.last_eval != self.step:  # a signal now waits for the final save
-                self.evaluate()
+                self.evaluate(last=True)
             self.elapsed = clock.elapsed()
             self.save_last()
         if self.grad_every:
@@ -240,9 +240,10 @@ class Trainer:
                  " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
                  duration(self.elapsed), duration(eta))
 
-    def evaluate(self) -> bool:
+    def evaluate(self, last: bool = False) -> bool:
         """Evaluate on the dev sets (`trainer.eval_tasks`), keep the best; True if `on_eval`
-        asks to stop (a pruned trial of `mtbert.tune`)."""
+        asks to stop (a pruned trial of `mtbert.tune`). The run's last evaluation does not ask:
+        there is nothing left to stop, and a run that reached its end is complete."""
         s = self.setup
         self.nonfinite.check()
         self.last_eval = self.step
@@ -257,7 +258,7 @@ class Trainer:
         if score > self.best["score"]:
             self.best = {"score": score, "metrics": metrics, "epoch": self.epoch, "step": self.step}
             self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, "dev": metrics})
-        return bool(self.on_eval and self.on_eval(self.step, metrics))
+        return bool(self.on_eval and not last and self.on_eval(self.step, metrics))
 
     # -- resuming -------------------------------------------------------------------------
     LOOP_STATE = ("step", "epoch", "epoch_start", "seen", "skipped", "sentences", "best",
@@ -313,7 +314,7 @@ class Trainer:
 def train(cfg: DictConfig, run: RunDir, on_eval=None) -> dict:
     """Train one run, continuing from `checkpoints/last.pt` when the run directory has one
     (a resumed or requeued run); returns the results.json fields it owns. `on_eval(step,
-    metrics)` is called after each evaluation; a true return ends the run there."""
+    metrics)` is called after each evaluation but the last; a true return ends the run there."""
     trainer = Trainer(cfg, run)
     trainer.on_eval = on_eval
     last = run.checkpoints / "last.pt"

@@ -99,6 +99,16 @@ class Objective:
 
     def __init__(self, base: list[str], hpo: DictConfig, trials_dir: Path, sweep: str):
         self.base, self.hpo, self.trials_dir, self.sweep = base, hpo, trials_dir, sweep
+        self.seeded = False
+
+    def seed_sampler(self, trial: optuna.Trial):
+        """Offset `hpo.sampler.seed` by this process's first trial number. Copies of the command
+        sharing the study, or the same command resuming it, would otherwise replay one seed's
+        draws and train the same values twice; a fresh study in one process keeps the seed."""
+        self.seeded = True
+        seed = self.hpo.sampler.get("seed")
+        if seed is not None and trial.number:
+            trial.study.sampler = instantiate(self.hpo.sampler, seed=seed + trial.number)
 
     def score(self, metrics: dict) -> float:
         if self.hpo.metric == "mean":
@@ -107,6 +117,8 @@ class Objective:
         return float("nan") if value is None else value
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if not self.seeded:
+            self.seed_sampler(trial)
         params = {key: suggest(trial, key, dict(spec)) for key, spec in self.hpo.space.items()}
         overrides = [*self.base, *overrides_of(params)]
         cfg = compose_config(overrides)

@@ -61,6 +61,27 @@ def test_pruned_trials_are_recorded_as_pruned_not_failed(data, tmp_path):
     assert not (study / "best.yaml").exists()
 
 
+def test_a_trial_that_reaches_its_last_evaluation_is_complete_whatever_the_pruner_says(data, tmp_path):
+    study = tmp_path / "study"
+    pruner = ["hpo.pruner._target_=optuna.pruners.ThresholdPruner", "~hpo.pruner.n_startup_trials",
+              "~hpo.pruner.n_warmup_steps", "+hpo.pruner.lower=2.0"]  # would prune every evaluation
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
+    main(["hpo=paper_rates", *tiny, "trainer.max_steps=2", *pruner, "--trials", "1", "--dir", str(study)])
+    assert [r["state"] for r in trials(study)] == ["COMPLETE"]
+    assert read_results(study / "trials" / "0000")["status"] == "completed"
+
+
+def test_a_resumed_study_draws_new_values_not_its_seed_again(data, tmp_path):
+    study = tmp_path / "study"
+    random = ["~hpo.pruner.n_startup_trials", "~hpo.pruner.n_warmup_steps", "hpo.pruner._target_=optuna.pruners.NopPruner",
+              "hpo.sampler._target_=optuna.samplers.RandomSampler", "trainer.max_steps=2"]
+    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
+    for wanted in (2, 4):  # stopped after 2 trials, then the same command asks for 4
+        main(["hpo=paper_rates", *tiny, *random, "--trials", str(wanted), "--dir", str(study)])
+    drawn = [r["optim.lr.encoder"] for r in trials(study)]
+    assert len(drawn) == 4 and len(set(drawn)) == 4, drawn
+
+
 def test_a_stopped_study_continues_and_a_failing_trial_does_not_stop_it(data, tmp_path):
     study = tmp_path / "study"
     space = ["~hpo.space", "+hpo.space={sampler.sigma: {type: categorical, choices: [2, -1]}}",
