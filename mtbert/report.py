@@ -74,7 +74,21 @@ def find_jobs(folders: list[Path]) -> list[Job]:
     for job in jobs:  # a row is named by its experiment and the overrides that tell it apart
         own = [o for o in job.overrides if o not in common]
         job.row = " ".join(([job.experiment] if job.experiment else []) + own) or "default"
+    short = {job.row: " ".join(map(short_number, job.row.split(" "))) for job in jobs}
+    if len(set(short.values())) == len(short):  # the short names still tell the rows apart
+        for job in jobs:
+            job.row = short[job.row]
     return jobs
+
+
+def short_number(override: str) -> str:
+    """`lr=0.0009079068091925258` (a tuned value) as `lr=0.000908`: a row's name, not its record."""
+    key, _, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}={number:.3g}" if len(value) > 8 and not value.lstrip("-").isdigit() else override
 
 
 def read_job(path: Path) -> Job:

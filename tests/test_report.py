@@ -77,6 +77,19 @@ def test_rows_named_by_what_tells_them_apart(tmp_path):
     assert (tmp_path / "s" / "table.md").is_file()
 
 
+def test_tuned_values_name_a_row_in_three_digits_unless_that_merges_rows(tmp_path):
+    tuned = ["optim.lr.encoder=6.370159637769102e-05", "optim.lr.shared=0.0009079068091925258"]
+    fake_job(tmp_path / "s" / "0", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8), overrides=tuned)
+    fake_job(tmp_path / "s" / "1", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8))
+    assert "| rro_hp_cs optim.lr.encoder=6.37e-05 optim.lr.shared=0.000908 |" in report([tmp_path / "s"])
+    close = ["optim.lr.encoder=6.370159637769102e-05", "optim.lr.shared=0.0009079068091925259"]
+    fake_job(tmp_path / "t" / "0", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8), overrides=tuned)
+    fake_job(tmp_path / "t" / "1", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8), overrides=close)
+    table = report([tmp_path / "t"])
+    assert "| rro_hp_cs optim.lr.shared=0.0009079068091925258 |" in table
+    assert "| rro_hp_cs optim.lr.shared=0.0009079068091925259 |" in table
+
+
 def test_an_ablation_of_a_paper_row_gets_no_paper_numbers(tmp_path):
     fake_job(tmp_path / "s" / "0", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.8))
     fake_job(tmp_path / "s" / "1", "rro_hp_cs", 0, dev=dev(0.4, 0.7, 0.7), overrides=["loss=baseline"])
