@@ -12,6 +12,7 @@ from mtbert.tune import SpaceError, check_space, main
 
 TINY = ["experiment=rro_hp_cs", "model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
         "trainer.max_steps=6", "trainer.eval_every_steps=2", "data.batch_size=4"]
+ONE_EVAL = [o for o in TINY if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=2"]  # its last
 
 
 @pytest.fixture
@@ -65,8 +66,7 @@ def test_a_trial_that_reaches_its_last_evaluation_is_complete_whatever_the_prune
     study = tmp_path / "study"
     pruner = ["hpo.pruner._target_=optuna.pruners.ThresholdPruner", "~hpo.pruner.n_startup_trials",
               "~hpo.pruner.n_warmup_steps", "+hpo.pruner.lower=2.0"]  # would prune every evaluation
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
-    main(["hpo=paper_rates", *tiny, "trainer.max_steps=2", *pruner, "--trials", "1", "--dir", str(study)])
+    main(["hpo=paper_rates", *ONE_EVAL, *pruner, "--trials", "1", "--dir", str(study)])
     assert [r["state"] for r in trials(study)] == ["COMPLETE"]
     assert read_results(study / "trials" / "0000")["status"] == "completed"
 
@@ -74,10 +74,9 @@ def test_a_trial_that_reaches_its_last_evaluation_is_complete_whatever_the_prune
 def test_a_resumed_study_draws_new_values_not_its_seed_again(data, tmp_path):
     study = tmp_path / "study"
     random = ["~hpo.pruner.n_startup_trials", "~hpo.pruner.n_warmup_steps", "hpo.pruner._target_=optuna.pruners.NopPruner",
-              "hpo.sampler._target_=optuna.samplers.RandomSampler", "trainer.max_steps=2"]
-    tiny = [o for o in TINY if not o.startswith("trainer.max_steps=")]
+              "hpo.sampler._target_=optuna.samplers.RandomSampler"]
     for wanted in (2, 4):  # stopped after 2 trials, then the same command asks for 4
-        main(["hpo=paper_rates", *tiny, *random, "--trials", str(wanted), "--dir", str(study)])
+        main(["hpo=paper_rates", *ONE_EVAL, *random, "--trials", str(wanted), "--dir", str(study)])
     drawn = [r["optim.lr.encoder"] for r in trials(study)]
     assert len(drawn) == 4 and len(set(drawn)) == 4, drawn
 
