@@ -23,9 +23,11 @@ from omegaconf import DictConfig, OmegaConf
 from mtbert import distributed
 from mtbert.batching import TaskStream, encode, tokenizer_digest
 from mtbert.data import DATA_HELP, DataError, RejectedRows, Task, read_split, read_text
+from mtbert.data.holdout import held_out_size, hold_out
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.losses import default_objective
 from mtbert.model import MultitaskBert, load_tokenizer
+from mtbert.provenance import provenance
 from mtbert.rundir import CheckpointError, RunDir
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,15 @@ def check_pair_encodings(cfg: DictConfig, objectives: dict):
 def current_terms(saved: DictConfig) -> DictConfig:
     """A config saved by an earlier mtbert, restated in today's keys with the meaning it had,
     so that its runs still resume: before the `weighting` group the losses were summed with
-    equal weights; before `check_pair_encodings`, a 'cross' pair encoding under a cosine
+    equal weights; before `data.validation` the dev sets chose the checkpoint; before `check_pair_encodings`, a 'cross' pair encoding under a cosine
     loss was encoded siamese (the loss decided, as `null` says now)."""
     if "weighting" not in saved:
         saved.weighting = {"_target_": "mtbert.weighting.Equal"}
+    if "validation" not in saved.data:  # before the held-out split, the dev sets chose
+        saved.data.validation = None
+    for key in ("max_examples", "eval_every_examples"):
+        if key not in saved.trainer:
+            saved.trainer[key] = None
     encodings = saved.model.get("pair_encoding") or {}
     for name, objective in build_objectives(saved, declared_tasks(saved)).items():
         if objective.head == "cosine" and encodings.get(name) == "cross":
@@ -171,7 +178,10 @@ def check_trainer(tcfg: DictConfig):
     """The loop's own settings, checked before anything loads."""
     if tcfg.on_nonfinite not in ("error", "skip"):
         raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {tcfg.on_nonfinite!r}")
-    for key in ("evals_per_epoch", "eval_every_steps", "epochs", "max_steps"):
+    if tcfg.get("eval_every_steps") is not None and tcfg.get("eval_every_examples") is not None:
+        raise ConfigError("trainer.eval_every_steps and trainer.eval_every_examples both set: keep one, "
+                          "set the other to null")
+    for key in ("evals_per_epoch", "eval_every_steps", "eval_every_examples", "epochs", "max_steps", "max_examples"):
         value = tcfg.get(key)  # eval_every_steps is absent from older runs' configs
         if (value is not None or key in ("evals_per_epoch", "epochs")) and not (
                 isinstance(value, int) and value >= 1):
@@ -224,7 +234,9 @@ class Setup:
         if bad:
             raise ConfigError(f"loss.weights must be finite and >= 0, got {bad}")
         self.device = resolve_device(cfg.trainer.device)
-        self.precision = resolve_precision(cfg.trainer.precision, self.device)
+        self.precision, why = resolve_precision(cfg.trainer.precision, self.device)
+        log.info("precision %s (%s)", self.precision, why)
+        self.provenance = provenance(self.device, self.precision, why)
         if self.device.type == "cpu":  # mtbert.threads chose the policy as the process started
             log.info("%d CPU threads, OMP_WAIT_POLICY %s", torch.get_num_threads(),
                      os.environ.get("OMP_WAIT_POLICY", "unset: torch's default, spinning"))
@@ -238,7 +250,7 @@ class Setup:
         if self.weighting.parameters():
             groups.append({"name": "weighting", "params": self.weighting.parameters(), "lr": self.weighting.lr})
         self.optimizer = instantiate(cfg.optim.optimizer)(groups)
-        self.train, self.dev = self._load_data()
+        self.train, self.validation, self.dev = self._load_data()
         self.streams = {  # each task's batches, in this rank's share, from its own generator
             t: TaskStream(self.train[t], cfg.data.batch_size,
                           torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(t.encode())),
@@ -247,28 +259,38 @@ class Setup:
             for t in self.train_tasks}
 
     def _load_data(self):
+        """Each trained task's training rows, the held-out validation rows of every evaluated
+        task (`data.validation`; none when null) and the evaluated tasks' dev sets."""
         cfg = self.cfg.data
         rejected = RejectedRows(cfg.bad_rows)
-        train, dev = {}, {}
+        train, validation, dev = {}, {}, {}
         try:
             for split, task, path in data_files(self.cfg, self.train_tasks):
-                rows = read_split(task, path, rejected, labelled=True,
-                                  limit=row_limit(cfg.limit[split], task.name))
-                self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
-                log.info("%s: %d rows, %d kept, %d skipped", path, rows.counts["rows"],
-                         rows.counts["kept"], rows.counts["skipped"])
-                enc = encode(rows, self.tokenizer, cfg.max_length, self.model.encodings[task.name] == "siamese",
-                             cfg.cache_dir)
+                held = None
                 if split == "train":
-                    train[task.name] = enc
+                    rows = read_split(task, path, rejected, labelled=True)
+                    with config_key("data", cfg):
+                        size = held_out_size(cfg.get("validation"), task.name, len(rows))
+                    rows, held = hold_out(rows, size, row_limit(cfg.limit.train, task.name))
                 else:
-                    dev[task.name] = (task, enc)
+                    rows = read_split(task, path, rejected, labelled=True, limit=row_limit(cfg.limit.dev, task.name))
+                self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
+                log.info("%s: %d rows, %d kept, %d skipped%s", path, rows.counts["rows"], rows.counts["kept"],
+                         rows.counts["skipped"], f", {len(held)} held out for validation" if held else "")
+                siamese = self.model.encodings[task.name] == "siamese"
+                if held:
+                    validation[task.name] = (task, encode(held, self.tokenizer, cfg.max_length, siamese,
+                                                          cfg.cache_dir))
+                if split == "dev":
+                    dev[task.name] = (task, encode(rows, self.tokenizer, cfg.max_length, siamese, cfg.cache_dir))
+                elif task.name in self.train_tasks:
+                    train[task.name] = encode(rows, self.tokenizer, cfg.max_length, siamese, cfg.cache_dir)
         finally:
             self.run.write_rejected(rejected)
             if rejected.rows:
                 log.warning("%d bad row(s) skipped in all, listed in %s/rejected_rows.tsv",
                             len(rejected.rows), self.run.path)
-        return train, dev
+        return train, validation or None, dev
 
 
 def evaluated_tasks(cfg: DictConfig) -> list[str]:
@@ -284,8 +306,9 @@ def evaluated_tasks(cfg: DictConfig) -> list[str]:
 
 
 def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tuple[str, Task, Path]]:
-    """(split, task, path) of every file a run reads: the training tasks' train files and
-    the evaluated tasks' dev files. Checks, before anything heavy loads, that each is there."""
+    """(split, task, path) of every file a run reads: the training tasks' train files (and,
+    with `data.validation`, those of the evaluated tasks, whose held-out rows choose the
+    checkpoint) and the evaluated tasks' dev files. Checks, before anything heavy loads, that each is there."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
         what = "is a file, not a folder" if root.is_file() else "is not a directory"
@@ -300,7 +323,8 @@ def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tu
                           "(sampler.tasks), so the best checkpoint would be picked without them: add "
                           "them, or set trainer.eval_tasks=null to evaluate every declared task")
     files = []
-    for split, names in (("train", train_tasks), ("dev", evaluated)):
+    held_out = [t for t in evaluated if t not in train_tasks] if cfg.data.get("validation") else []
+    for split, names in (("train", train_tasks + held_out), ("dev", evaluated)):
         for name in names:
             if split not in tasks[name].files:
                 raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "

@@ -1,4 +1,4 @@
-"""Device and numeric precision: bf16 autocast where the hardware runs it fast."""
+"""Device and numeric precision: bf16 autocast where the hardware computes it natively."""
 
 from __future__ import annotations
 
@@ -24,16 +24,31 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on GPUs that support it and on CPUs with AVX-512 (about 2x faster
-    than fp32 for MiniLM on such a CPU), else fp32."""
+def native_bf16_cpu() -> str | None:
+    """The instructions that compute bf16 on this CPU (AVX512_BF16 or AMX), or None: there
+    torch emulates bf16, and it is slower than fp32."""
+    for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
+        if getattr(torch.cpu, probe, lambda: False)():
+            return name
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
+    """The precision and why: 'auto' is bf16 where the hardware computes it natively (CUDA
+    compute capability 8.0 or more; a CPU with AVX512_BF16 or AMX), else fp32. (A T4 or
+    V100, 7.x, reports bf16 as supported, but emulates it.)"""
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
-        return precision
+        return precision, f"trainer.precision={precision}"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else "fp32"
+        major, minor = torch.cuda.get_device_capability(device)
+        if major >= 8:
+            return "bf16", f"auto: compute capability {major}.{minor} computes bf16 natively"
+        return "fp32", f"auto: compute capability {major}.{minor} has no bf16 units"
+    if device.type == "cpu" and (isa := native_bf16_cpu()):
+        return "bf16", f"auto: the CPU computes bf16 natively ({isa})"
+    return "fp32", f"auto: the {device.type} has no native bf16 (AVX512_BF16 or AMX)"
 
 
 def autocast(device: torch.device, precision: str):

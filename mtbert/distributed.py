@@ -41,7 +41,7 @@ def setup(device: torch.device) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not dist.is_initialized():
-        # NCCL for the GPUs' gradients, gloo for host-side flags (`any_`)
+        # NCCL for the GPUs' gradients, gloo for host-side flags (`agree`)
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
@@ -73,11 +73,26 @@ def broadcast_(tensor: torch.Tensor):
 
 def any_(flag: bool) -> bool:
     """True on every rank if it is true on any: ranks must stop at the same step."""
+    return agree(flag=flag)["flag"]
+
+
+def agree(**flags: bool) -> dict[str, bool]:
+    """Each flag true on every rank if it is true on any, in one all-reduce: a decision
+    that leads to a collective (save, log, stop) is taken by all ranks or by none, whatever
+    each rank's clock or signals say."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)])
-    dist.all_reduce(t)
-    return bool(t.item())
+        return {k: bool(v) for k, v in flags.items()}
+    t = torch.tensor([int(bool(v)) for v in flags.values()])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(flags, map(bool, t.tolist())))
+
+
+def least(tensor: torch.Tensor) -> torch.Tensor:
+    """The elementwise minimum over the ranks."""
+    if world_size() > 1:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
 
 
 def broadcast_object(value):

@@ -13,9 +13,12 @@ from mtbert import distributed
 log = logging.getLogger(__name__)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """The run stopped by a signal (after saving `checkpoints/last.pt`, once training has
-    begun); `results` holds what it had reached."""
+    begun); `results` holds what it had reached. Like KeyboardInterrupt, not an Exception:
+    a stop request raised inside a step that recovers from failures (`except Exception`:
+    a damaged checkpoint moved aside, a broken cache rebuilt) is neither swallowed nor
+    taken for damage. Catch it by name."""
 
     def __init__(self, message: str, results: dict | None = None):
         super().__init__(message)
@@ -26,6 +29,9 @@ class NonFiniteLoss(FloatingPointError):
     pass
 
 
+NEVER = 2**62  # no non-finite loss yet: above any step, so the earliest over ranks is their minimum
+
+
 class NonFiniteWatch:
     """Notes on the device, with no host sync, each task's first step with a non-finite
     loss; `check()`, called where the loop syncs anyway (logging, evaluation, saving),
@@ -33,16 +39,18 @@ class NonFiniteWatch:
     evaluation or checkpoint is made from its weights."""
 
     def __init__(self, tasks: list[str], device: torch.device):
-        self.first = {t: torch.full((), -1, device=device) for t in tasks}
+        self.first = {t: torch.full((), NEVER, device=device) for t in tasks}
 
     def note(self, step: int, losses: dict[str, torch.Tensor]):
         for t, loss in losses.items():
             first = self.first[t]
-            self.first[t] = torch.where((first < 0) & ~loss.isfinite(), step, first)
+            self.first[t] = torch.where((first == NEVER) & ~loss.isfinite(), step, first)
 
     def check(self):
-        steps = {t: int(step) for t, step in self.first.items()}
-        bad = {t: step for t, step in steps.items() if step >= 0}
+        """Raises alike on every rank (the earliest bad step of any rank): a rank that
+        stopped alone would leave the others waiting in a collective."""
+        steps = dict(zip(self.first, distributed.least(torch.stack(list(self.first.values())).cpu()).tolist()))
+        bad = {t: step for t, step in steps.items() if step != NEVER}
         if bad:
             step = min(bad.values())
             raise NonFiniteLoss(f"non-finite loss for task(s) {[t for t in bad if bad[t] == step]} at step "

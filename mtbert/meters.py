@@ -9,17 +9,18 @@ import torch
 
 
 class Every:
-    """True once every `seconds` of the clock (drqv2's `Every`): when to log, when to save."""
+    """Due once every `seconds` of the clock (drqv2's `Every`): when to log, when to save.
+    Whether it is due and when it starts again are separate, so that several processes
+    can agree on one decision before acting on it."""
 
     def __init__(self, seconds: float):
         self.seconds, self.last = seconds, time.perf_counter()
 
-    def __call__(self) -> bool:
-        now = time.perf_counter()
-        if now - self.last < self.seconds:
-            return False
-        self.last = now
-        return True
+    def due(self) -> bool:
+        return time.perf_counter() - self.last >= self.seconds
+
+    def restart(self):
+        self.last = time.perf_counter()
 
 
 class LossMeter:

@@ -57,7 +57,7 @@ def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None)
     load_model_weights(model, checkpoint)
     dev = resolve_device(device)
     model.to(dev)
-    return Best(cfg, tasks, objectives, model, tokenizer, dev, resolve_precision(cfg.trainer.precision, dev))
+    return Best(cfg, tasks, objectives, model, tokenizer, dev, resolve_precision(cfg.trainer.precision, dev)[0])
 
 
 def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,

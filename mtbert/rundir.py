@@ -54,9 +54,10 @@ def atomic(path: Path):
 # results.json: every field on every status (completed, failed, interrupted, running; pruned
 # for a trial that mtbert.tune stopped early), so that a reader never guesses whether a key
 # is missing or the run never got there
-RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "best_epoch": None,
+RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "dev_last": None,
+           "validation": None, "selected_on": None, "best_epoch": None,
            "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "train_seconds": 0.0,
-           "device": None, "precision": None, "data": {}, "tokenizer": None, "error": None}
+           "device": None, "precision": None, "provenance": None, "data": {}, "tokenizer": None, "error": None}
 
 
 def results_record(**fields) -> dict:
@@ -209,17 +210,21 @@ def checkpoint_exists(path: Path) -> bool:
 def load_checkpoint(path: Path) -> dict:
     """Load the newest usable of `<name>.next.pt` (left by a save that was cut short),
     `<name>.pt` and `<name>.prev.pt`, verifying each one's digest (tensors and plain data
-    only: no pickled code runs). A damaged file is renamed `*.corrupt` and named in the log."""
+    only: no pickled code runs). A damaged file is renamed `*.corrupt` and named in the log.
+    Only a missing or wrong digest proves damage: a file that cannot be read, or intact
+    bytes that cannot be loaded (no memory, another torch), stop the resume and stay where
+    they are, and a stop request (guards.Interrupted) passes through untouched."""
     errors = []
     for candidate in _candidates(path):
         if not candidate.exists():
             continue
         try:
-            state = torch.load(io.BytesIO(_verified_bytes(candidate)), weights_only=True)
-        except Exception as e:
+            data = _verified_bytes(candidate)
+        except _Damaged as e:
             errors.append(f"{candidate.name}: {e}")
             os.replace(candidate, candidate.with_name(candidate.name + ".corrupt"))
             continue
+        state = _load_intact(candidate, data)
         if errors:
             log.error("checkpoint(s) unusable, moved aside as *.corrupt (%s); resuming from %s",
                       "; ".join(errors), candidate)
@@ -233,17 +238,37 @@ def load_checkpoint(path: Path) -> dict:
                           f". Delete {path.parent} to start the run afresh.")
 
 
+class _Damaged(CheckpointError):
+    """A checkpoint whose SHA-256 is missing or wrong: the one proof of damage."""
+
+
 def _verified_bytes(path: Path) -> bytes:
-    data = path.read_bytes()
-    if data[-64 - len(MARK):-64] == MARK:
-        data, digest = data[:-64 - len(MARK)], data[-64:]
-    elif _legacy_digest(path).exists():  # written by an older mtbert: the digest beside it
-        digest = _legacy_digest(path).read_bytes().strip()
-    else:
-        raise CheckpointError("it has no SHA-256 (truncated, or not an mtbert checkpoint)")
+    """The checkpoint's data, once its SHA-256 matches. A read error proves no damage: it
+    is a plain CheckpointError, and the file stays where it is."""
+    try:
+        data = path.read_bytes()
+        if data[-64 - len(MARK):-64] == MARK:
+            data, digest = data[:-64 - len(MARK)], data[-64:]
+        elif _legacy_digest(path).exists():  # written by an older mtbert: the digest beside it
+            digest = _legacy_digest(path).read_bytes().strip()
+        else:
+            raise _Damaged("it has no SHA-256 (truncated, or not an mtbert checkpoint)")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}; nothing was moved aside. Resume again "
+                              "once it is readable, or delete it to resume from an older checkpoint") from e
     if hashlib.sha256(data).hexdigest().encode() != digest:
-        raise CheckpointError("its SHA-256 does not match (truncated or corrupt)")
+        raise _Damaged("its SHA-256 does not match (truncated or corrupt)")
     return data
+
+
+def _load_intact(path: Path, data: bytes) -> dict:
+    """torch.load of bytes whose digest matched: they are what was saved, so a failure here
+    (no memory, a torch that cannot read them, pickled code) is no damage of the file."""
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{path} is intact (its SHA-256 matches) but cannot be loaded "
+                              f"({type(e).__name__}: {e}); nothing was moved aside") from e
 
 
 def _candidates(path: Path) -> list[Path]:

@@ -25,7 +25,7 @@ from mtbert.evaluate import evaluate, format_metrics, selection_score
 from mtbert.guards import Interrupted, NonFiniteLoss, NonFiniteWatch, StopSignals, nonfinite_tasks
 from mtbert.meters import Clock, Every, LossMeter, duration
 from mtbert.resume import check_resumable, rank_generators, restore_rank_generators
-from mtbert.rundir import RunDir, checkpoint_exists, load_checkpoint
+from mtbert.rundir import RunDir, checkpoint_exists, load_checkpoint, load_model_weights
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +48,19 @@ class Trainer:
         self.total_steps = self.tcfg.epochs * self.steps_per_epoch
         if self.tcfg.max_steps is not None:
             self.total_steps = min(self.total_steps, self.tcfg.max_steps)
+        # a step holds one batch of every training task, or of one: examples as steps, alike for every sampler
+        step_examples = cfg.data.batch_size * (len(s.train_tasks) if s.sampler.every_task else 1)
+        if self.tcfg.get("max_examples") is not None:
+            self.total_steps = min(self.total_steps, math.ceil(self.tcfg.max_examples / step_examples))
         if self.total_steps < 1:
             raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
         with config_key("weighting", cfg.weighting):
             s.weighting.check(self.total_steps, self.steps_per_epoch)
         self.eval_every_steps = self.tcfg.get("eval_every_steps")  # absent from older runs' configs
+        if self.tcfg.get("eval_every_examples") is not None:
+            self.eval_every_steps = math.ceil(self.tcfg.eval_every_examples / step_examples)
+        # what chooses the checkpoint: the held-out rows of the training files, or the dev sets themselves
+        self.selected_on = "validation" if s.validation else "dev"
         self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
         self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
@@ -66,6 +74,8 @@ class Trainer:
         self.sentences = 0
         self.best = {"score": -math.inf, "metrics": None, "epoch": None, "step": None}
         self.last_eval = None
+        self.latest = None  # the last evaluation's metrics
+        self.dev, self.dev_last = None, None  # the dev scores of the chosen and the last checkpoint
         self.elapsed = 0.0  # training seconds, those before a resume included
         self.encoder_on = None  # the schedule's phase the model is in; set at the first step
         self.nonfinite = NonFiniteWatch(s.train_tasks, s.device)
@@ -129,12 +139,16 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def fit(self) -> dict:
+        """Steps until the plan ends, `trainer.max_seconds` passes or a signal comes. What a
+        rank's clock or signals decide (log, save, stop, time up) is agreed by every rank in
+        one all-reduce per step, since each of them leads to a collective (a gather of the
+        ranks' generators, an evaluation's broadcast)."""
         s = self.setup
-        log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s",
+        log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s; checkpoint chosen on %s",
                  "+".join(s.train_tasks), s.device, s.precision, self.total_steps,
-                 self.steps_per_epoch, self.sizes)
+                 self.steps_per_epoch, self.sizes, self.selection_name())
         meter, clock = LossMeter(s.train_tasks, s.device), Clock(self.elapsed, self.step)
-        log_due, save_due = Every(self.tcfg.log_every_seconds), Every(self.tcfg.checkpoint_every_seconds)
+        log_every, save_every = Every(self.tcfg.log_every_seconds), Every(self.tcfg.checkpoint_every_seconds)
         s.model.train()
         with StopSignals() as stop:
             for step_tasks in self.planned_steps():
@@ -143,15 +157,20 @@ class Trainer:
                 meter.add(self.training_step(batches))
                 self.count(batches)
                 self.elapsed = clock.elapsed()
-                done = self.finished()
-                if log_due() or done:
+                due = distributed.agree(log=log_every.due(), save=save_every.due(), stop=stop.received is not None,
+                                        time_up=self.time_up())
+                done = self.step == self.total_steps or due["time_up"]
+                if due["time_up"]:
+                    log.info("trainer.max_seconds=%s reached at step %d", self.tcfg.max_seconds, self.step)
+                if due["log"] or done:
+                    log_every.restart()
                     self.log_progress(meter, clock.step_seconds(self.step))
                 if self.eval_due() or done:
                     done = self.evaluate(last=done) or done
-                stopping = distributed.any_(stop.received is not None)
-                if stopping or save_due():
+                if due["stop"] or due["save"]:
+                    save_every.restart()
                     self.save_last()
-                if stopping:
+                if due["stop"]:
                     stop.after_save()
                     raise Interrupted(f"stopped by {stop.received or 'another rank'} at step {self.step}; "
                                       f"resume with: python train.py resume={self.run.path}", self.results())
@@ -161,6 +180,7 @@ class Trainer:
                 self.evaluate(last=True)
             self.elapsed = clock.elapsed()
             self.save_last()
+            self.report_dev()
         if self.grad_every:
             plot_grad_conflict(self.run.path)
             conflict_summary(self.run.path)
@@ -199,22 +219,21 @@ class Trainer:
             self.seen[t] += batch.global_size
             self.sentences += batch.num_sequences * distributed.world_size()
 
-    def finished(self) -> bool:
-        """The last planned step, or `trainer.max_seconds` of training reached."""
-        if self.step == self.total_steps:
-            return True
-        if self.tcfg.max_seconds is not None and self.elapsed >= self.tcfg.max_seconds:
-            log.info("trainer.max_seconds=%s reached at step %d", self.tcfg.max_seconds, self.step)
-            return True
-        return False
+    def time_up(self) -> bool:
+        """`trainer.max_seconds` of training reached (on this rank's clock: `fit` agrees it)."""
+        return self.tcfg.max_seconds is not None and self.elapsed >= self.tcfg.max_seconds
 
     def results(self) -> dict:
         """The results.json fields the loop owns, as far as it has come."""
         s = self.setup
-        return {"dev": self.best["metrics"], "best_epoch": self.best["epoch"],
+        on_dev = self.selected_on == "dev"
+        return {"dev": self.best["metrics"] if on_dev else self.dev,
+                "dev_last": self.latest if on_dev else self.dev_last,
+                "validation": None if on_dev else self.best["metrics"], "selected_on": self.selected_on,
+                "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "train_seconds": self.elapsed,
-                "device": s.device.type, "precision": s.precision, "data": s.files,
+                "device": s.device.type, "precision": s.precision, "provenance": s.provenance, "data": s.files,
                 "tokenizer": s.tokenizer_digest}
 
     def eval_due(self) -> bool:
@@ -240,29 +259,57 @@ class Trainer:
                  " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
                  duration(self.elapsed), duration(eta))
 
+    def selection_name(self) -> str:
+        return "the held-out validation rows (data.validation)" if self.selected_on == "validation" \
+            else "the dev sets (data.validation=null)"
+
+    def scores(self, split: dict) -> dict:
+        """Metrics on `split` (task -> (task, encoded rows)), computed by rank 0 for all: the
+        ranks hold the same model."""
+        s = self.setup
+        return distributed.broadcast_object(
+            evaluate(s.model, split, s.objectives, s.device, s.precision) if distributed.rank() == 0 else None)
+
     def evaluate(self, last: bool = False) -> bool:
-        """Evaluate on the dev sets (`trainer.eval_tasks`), keep the best; True if `on_eval`
-        asks to stop (a pruned trial of `mtbert.tune`). The run's last evaluation does not ask:
-        there is nothing left to stop, and a run that reached its end is complete."""
+        """Evaluate on the split that chooses the checkpoint (the held-out rows, or dev with
+        `data.validation=null`), keep the best; True if `on_eval` asks to stop (a pruned trial
+        of `mtbert.tune`). The run's last evaluation does not ask: there is nothing left to
+        stop, and a run that reached its end is complete."""
         s = self.setup
         self.nonfinite.check()
         self.last_eval = self.step
         t0 = time.perf_counter()
-        metrics = distributed.broadcast_object(  # the ranks hold the same model: rank 0 evaluates
-            evaluate(s.model, s.dev, s.objectives, s.device, s.precision) if distributed.rank() == 0 else None)
-        self.run.event("eval", self.step, epoch=self.epoch, dev=metrics, examples_seen=dict(self.seen),
-                       eval_seconds=time.perf_counter() - t0)
-        log.info("eval at step %d (epoch %d): %s", self.step, self.epoch, format_metrics(metrics))
+        metrics = self.latest = self.scores(s.validation or s.dev)
+        self.run.event("eval", self.step, epoch=self.epoch, **{self.selected_on: metrics},
+                       examples_seen=dict(self.seen), eval_seconds=time.perf_counter() - t0)
+        log.info("%s at step %d (epoch %d): %s", self.selected_on, self.step, self.epoch, format_metrics(metrics))
         s.sampler.observe({t: metrics[s.tasks[t].metric_key] for t in s.train_tasks})
         score = selection_score(metrics)
         if score > self.best["score"]:
             self.best = {"score": score, "metrics": metrics, "epoch": self.epoch, "step": self.step}
-            self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, "dev": metrics})
+            self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, self.selected_on: metrics})
         return bool(self.on_eval and not last and self.on_eval(self.step, metrics))
+
+    def report_dev(self):
+        """The dev scores of the last and of the chosen checkpoint, once training is over:
+        with a held-out split, the only time the dev sets are read."""
+        if self.selected_on == "dev":
+            return
+        s = self.setup
+        self.dev_last = self.scores(s.dev)
+        if self.best["step"] == self.step:
+            self.dev = self.dev_last
+        else:
+            if distributed.rank() == 0:
+                load_model_weights(s.model, self.run.checkpoints / "best.safetensors")
+            self.dev = self.scores(s.dev)
+        self.run.event("dev", self.step, best_step=self.best["step"], dev=self.dev, dev_last=self.dev_last)
+        log.info("dev at the chosen step %d: %s", self.best["step"], format_metrics(self.dev))
+        log.info("dev at the last step %d: %s", self.step, format_metrics(self.dev_last))
 
     # -- resuming -------------------------------------------------------------------------
     LOOP_STATE = ("step", "epoch", "epoch_start", "seen", "skipped", "sentences", "best",
-                  "last_eval", "elapsed")
+                  "last_eval", "latest", "elapsed")
 
     def state_dict(self) -> dict:
         s = self.setup

@@ -5,8 +5,9 @@
 The search space, objective, sampler and pruner are the `hpo` config group
 (`conf/hpo/*.yaml`); every other argument is an override of `train.py`'s config, shared by
 all trials. Each trial is a normal run directory (`DIR/trials/NNNN/`: results.json,
-metrics.jsonl, .hydra/config.yaml) trained in this process; it reports its dev score at
-every evaluation, and the pruner may end it there (results.json says `pruned`). The study
+metrics.jsonl, .hydra/config.yaml) trained in this process; it reports its score on the held-out
+validation rows (`data.validation`; never the dev sets, which only report) at every
+evaluation, and the pruner may end it there (results.json says `pruned`). The study
 lives in `DIR/study.db` (SQLite): the same command again continues it, and several copies
 of it (shells, or SLURM array tasks) share it. At the end: `best.yaml` with the best
 trial's overrides and the `python train.py` command that reproduces it, `trials.csv`, and
@@ -95,7 +96,8 @@ def overrides_of(params: dict) -> list[str]:
 
 class Objective:
     """One trial: a run of the base config with the trial's values, its score the best
-    evaluation's `hpo.metric` (`mean`: the run's own selection score)."""
+    evaluation's `hpo.metric` (`mean`: the run's own selection score) on the split that
+    chooses its checkpoints: the held-out rows, so the dev sets only report."""
 
     def __init__(self, base: list[str], hpo: DictConfig, trials_dir: Path, sweep: str):
         self.base, self.hpo, self.trials_dir, self.sweep = base, hpo, trials_dir, sweep
@@ -146,12 +148,14 @@ class Objective:
             logger.start(cfg, run.path, Job({}, f"trial {trial.number}: " + " ".join(overrides_of(params)),
                                             self.sweep))
             results.update(train(cfg, run, on_eval=report), status="pruned" if pruned else "completed")
-        except Exception as e:  # the trial fails; the study goes on, unless it was told to stop
+        except Interrupted as e:  # the study stops with the trial, which Optuna records as failed
+            results.update(e.results, status="interrupted", error=f"Interrupted: {e}")
+            trial.set_user_attr("error", results["error"])
+            trial.study.stop()
+            raise RuntimeError(results["error"]) from e
+        except Exception as e:  # the trial fails; the study goes on
             results["error"] = f"{type(e).__name__}: {e}"
             trial.set_user_attr("error", results["error"])
-            if isinstance(e, Interrupted):
-                results.update(e.results, status="interrupted")
-                trial.study.stop()
             raise
         finally:
             results["train_seconds"] = results["train_seconds"] or time.perf_counter() - start
@@ -162,7 +166,7 @@ class Objective:
         print(format_table(results["dev"]))
         if pruned:
             raise optuna.TrialPruned(f"pruned at step {results['steps']}")
-        return self.score(results["dev"])
+        return self.score(results[results["selected_on"]])  # the held-out rows, unless data.validation=null
 
 
 def write_outputs(study: optuna.Study, directory: Path, hpo: DictConfig) -> dict | None:

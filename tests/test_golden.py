@@ -17,7 +17,7 @@ GOLDEN = json.loads((Path(__file__).parent / "golden.json").read_text())
 
 def run(tmp_path, *overrides):
     data = write_cs224n(tmp_path / "data", n=48)
-    cfg = compose_config("model=tiny", "budget=smoke", "logger=none", "trainer.precision=fp32",
+    cfg = compose_config("model=tiny", "budget=smoke", "logger=none", "trainer.precision=fp32", "data.validation=null",
                          "trainer.max_seconds=null", "trainer.log_every_seconds=0", "trainer.max_steps=6",
                          "trainer.eval_every_steps=3", *overrides, data=data, cache=tmp_path / "cache")
     run_dir = RunDir(tmp_path / "run")

@@ -34,7 +34,8 @@ def test_train_each_sampler(sampler, steps_per_epoch, tmp_path, data_dir):
     evals = events(run_dir, "eval")
     assert [e["epoch"] for e in evals] == [1, 2] and evals[-1]["step"] == results["steps"]
     assert results["best_epoch"] in (1, 2)
-    assert any(e["dev"] == dev for e in evals), "results hold the best evaluation"
+    assert any(e["validation"] == results["validation"] for e in evals), "results hold the best evaluation"
+    assert results["selected_on"] == "validation" and "dev" not in evals[0], "dev only reports"
     assert events(run_dir, "train") and (run_dir / "checkpoints" / "best.safetensors").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert "sst_acc" in proc.stdout and "run directory:" in proc.stdout
@@ -62,7 +63,9 @@ def test_milestone_baseline_trains_sst_only_and_evaluates_all(tmp_path, data_dir
     sst_train = results["data"]["sst"]["train"]  # budget=smoke: data.limit 40 of the file's 60 rows
     assert (sst_train["rows"], sst_train["kept"], sst_train["skipped"]) == (60, 40, 0)
     assert sst_train["path"] == str((data_dir / "ids-sst-train.csv").resolve()) and len(sst_train["sha256"]) == 64
-    assert set(results["data"]) == {"sst", "para", "sts"} and set(results["data"]["para"]) == {"dev"}
+    # para and sts are evaluated, not trained: their training files give held-out rows alone
+    assert set(results["data"]) == {"sst", "para", "sts"} and set(results["data"]["para"]) == {"train", "dev"}
+    assert results["data"]["para"]["train"]["validation"] == 6 and set(results["validation"]) >= {"para_acc"}
     mode = (run_dir / "metrics.jsonl").stat().st_mode & 0o777
     assert all(f.stat().st_mode & 0o777 == mode for f in (run_dir / "checkpoints").iterdir()), "no odd modes"
     assert all(results["dev"][k] is not None for k in ("sst_acc", "para_acc", "sts_pearson"))

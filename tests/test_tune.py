@@ -47,7 +47,7 @@ def test_a_study_writes_best_csv_and_plots_and_its_command_reproduces_the_best_t
 
     run_train(*saved.command.split()[2:], f"hydra.run.dir={tmp_path / 'again'}", cwd=tmp_path, data=data)
     again = read_results(tmp_path / "again")
-    assert again["dev"]["mean"] == pytest.approx(saved.value, abs=1e-6), "the printed command reproduces it"
+    assert again["validation"]["mean"] == pytest.approx(saved.value, abs=1e-6), "the printed command reproduces it"
 
 
 def test_pruned_trials_are_recorded_as_pruned_not_failed(data, tmp_path):

@@ -279,7 +279,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.precision, device)[0]
     info = machine(device)
     base = [f"model={args.model}", f"data.batch_size={args.batch_size}", f"trainer.device={device.type}",
             "logger=none", *(["trainer.compile=true"] if args.compile else []), *args.override]
