@@ -130,7 +130,8 @@ def test_sigterm_while_a_resume_loads_its_checkpoint_leaves_it_resumable(tmp_pat
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SIGTERM_IN_LOAD)
     env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache"),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+           # the hook imports mtbert before train.py puts ROOT first on sys.path: this copy, too
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"resume={run_dir}"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode not in (0, -signal.SIGTERM), proc.stderr
