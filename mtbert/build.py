@@ -275,8 +275,7 @@ class Setup:
                 else:
                     rows = read_split(task, path, rejected, labelled=True, limit=row_limit(cfg.limit.dev, task.name))
                 self.files.setdefault(task.name, {})[split] = {"path": str(path.resolve()), **rows.counts}
-                log.info("%s: %d rows, %d kept, %d skipped%s", path, rows.counts["rows"], rows.counts["kept"],
-                         rows.counts["skipped"], f", {len(held)} held out for validation" if held else "")
+                log.info("%s: %s%s", path, rows.summary(), f", {len(held)} held out for validation" if held else "")
                 siamese = self.model.encodings[task.name] == "siamese"
                 if held:
                     validation[task.name] = (task, encode(held, self.tokenizer, cfg.max_length, siamese,

@@ -132,3 +132,65 @@ def test_two_ranks_stopped_and_resumed_with_dropout_end_bit_identical(tmp_path, 
     b = load_checkpoint(stopped / "checkpoints" / "last.pt")
     assert b["loop"]["step"] == 8 and read_results(stopped)["status"] == "completed"
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "bit-identical"
+
+
+SKEWED = ("model=tiny", "budget=smoke", "logger=none", "trainer.precision=fp32", "data.batch_size=7",
+          "trainer.checkpoint_every_seconds=1", "trainer.log_every_seconds=0.3")
+
+
+def skewed(*overrides, cwd, data, popen=False):
+    """torchrun of `train.py` with rank 1 slowed and started late (tests/scripts/skewed_train.py)."""
+    env = {**os.environ, "MTBERT_DATA_DIR": str(data), "MTBERT_CACHE_DIR": str(cwd / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               str(ROOT / "tests" / "scripts" / "skewed_train.py"), *overrides]
+    if popen:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_skewed_ranks_agree_on_timed_saves_logs_and_the_time_limit(tmp_path, data_dir):
+    """Saves every second, logs every 0.3 s and a time limit, each due on each rank's own
+    clock, with rank 1 late and jittery: the ranks take every such decision together (a
+    save gathers every rank's generators, an evaluation broadcasts), so the run ends."""
+    run_dir = tmp_path / "run"
+    skewed(*SKEWED, "trainer.epochs=1000", "trainer.max_seconds=50", "trainer.eval_every_steps=40",
+           f"hydra.run.dir={run_dir}", cwd=tmp_path, data=data_dir)
+    results = read_results(run_dir)
+    assert results["status"] == "completed" and results["train_seconds"] >= 50
+    log = (run_dir / "train.log").read_text()
+    assert "trainer.max_seconds=50 reached" in log
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert saved["loop"]["step"] == results["steps"] > 100 and len(saved["rng"]["torch"]) == 2
+
+
+@pytest.mark.slow
+def test_skewed_ranks_stopped_and_resumed_end_bit_identical(tmp_path, data_dir):
+    """Timed saves with skewed ranks, a SIGTERM to both, a resume: the weights end where an
+    uninterrupted run's do, to the bit."""
+    import json
+    import signal
+    import time
+    run = (*SKEWED, "trainer.max_steps=70", "trainer.epochs=1000", "trainer.max_seconds=null",
+           "trainer.eval_every_steps=25")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    skewed(*run, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)
+    proc = skewed(*run, f"hydra.run.dir={stopped}", cwd=tmp_path, data=data_dir, popen=True)
+    deadline = time.time() + 180
+    while proc.poll() is None and time.time() < deadline:
+        metrics = stopped / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= 30 for line in metrics.read_text().splitlines()):
+            for worker in children(proc.pid):
+                os.kill(worker, signal.SIGTERM)
+            break
+        time.sleep(0.01)
+    out, err = proc.communicate(timeout=180)
+    assert read_results(stopped)["status"] == "interrupted", out[-2000:] + err[-2000:]
+    assert 30 <= load_checkpoint(stopped / "checkpoints" / "last.pt")["loop"]["step"] < 70
+    skewed(f"resume={stopped}", cwd=tmp_path, data=data_dir)
+    a = load_checkpoint(whole / "checkpoints" / "last.pt")
+    b = load_checkpoint(stopped / "checkpoints" / "last.pt")
+    assert b["loop"]["step"] == 70 and read_results(stopped)["status"] == "completed"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "bit-identical"
