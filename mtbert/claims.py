@@ -14,9 +14,11 @@ A check is a paired t-test over the seeds both rows completed: `greater` tests t
 difference against `by`, `equal` against ±`margin` (two one-sided tests when the estimate
 lies inside the margin, a one-sided test beyond it otherwise). p-values are Holm-corrected
 across the checks of the file that the report can test (both rows present, 2 seeds or more
-in common): a family that grows as the study's runs come in. A check supports or contradicts its claim when its
-corrected p < 0.05; a claim holds when all its checks support it, does not hold when one
-contradicts it, and is otherwise not resolved at this power.
+in common): a family that grows as the study's runs come in, and not the family of the
+report's paired comparisons, so a comparison in both has a Holm p in each. A check supports
+or contradicts its claim when its corrected p < 0.05; a claim holds when all its checks
+support it, does not hold when one contradicts it, and is otherwise not resolved at this
+power, saying so when an unresolved estimate leans against the claim.
 """
 
 from __future__ import annotations
@@ -65,6 +67,30 @@ class Check:
             return OPEN
         return HOLDS if self.supports else FAILS
 
+    @property
+    def against(self) -> str | None:
+        """How an unresolved estimate leans against the claim, so that "not resolved" is not
+        read as "nearly holds"; None where it does not lean against it."""
+        c = self.comparison
+        if self.verdict != OPEN or self.supports is not False or not isinstance(c, Comparison):
+            return None
+        if self.direction == "equal":
+            return f"the estimate lies outside ±{self.margin:g} (Δ {c.mean:+.4f})"
+        if c.mean <= 0 <= self.by:
+            return f"the estimate points the other way (Δ {c.mean:+.4f})"
+        return f"the estimate falls short of the claimed {self.by:+g} (Δ {c.mean:+.4f})"
+
+    @property
+    def verdict_text(self) -> str:
+        return self.verdict + (f"; {self.against}" if self.against else "")
+
+    @property
+    def numbers(self) -> str:
+        """The figures behind the verdict, as the report prints them (a tested check only)."""
+        c = self.comparison
+        return (f"Δ {c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}] over seeds {c.seeds}, p {self.p:.3g}, "
+                f"Holm {self.p_holm:.3g}")
+
 
 @dataclass
 class Claim:
@@ -78,6 +104,16 @@ class Claim:
             if verdict in verdicts:
                 return verdict
         return HOLDS
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict, with the unresolved checks whose estimate leans against the claim."""
+        leaning = [c for c in self.checks if c.against]
+        if self.verdict != OPEN or not leaning:
+            return self.verdict
+        if len(self.checks) == 1:
+            return self.checks[0].verdict_text
+        return f"{OPEN}; " + "; ".join(f"{c.sentence}: {c.against}" for c in leaning)
 
 
 CHECK_KEYS = {"a", "b", "metric", "direction", "by", "margin"}
@@ -148,18 +184,21 @@ def _test(check: Check, diffs: list[float]) -> tuple[float, bool]:
     return stats.ttest(diffs, -check.margin, "less"), False
 
 
+def family(claims: list[Claim]) -> list[Check]:
+    """The checks Holm's correction ran over: those with a test (both rows, 2 seeds in common)."""
+    return [c for claim in claims for c in claim.checks if c.p is not None]
+
+
 def markdown(claims: list[Claim]) -> str:
     lines = []
     for claim in claims:
-        lines.append(f"- **{claim.text}**: {claim.verdict}.")
+        lines.append(f"- **{claim.text}**: {claim.verdict_text}.")
         for check in claim.checks:
             c = check.comparison
             if isinstance(c, str):
                 lines.append(f"  - {check.sentence}: {c}.")
                 continue
-            lines.append(
-                f"  - {check.sentence}: Δ {c.mean:+.4f} [{c.low:+.4f}, {c.high:+.4f}] over seeds "
-                f"{c.seeds}, p {check.p:.3g}, Holm {check.p_holm:.3g}"
-                + (f", detectable Δ {c.detectable:.4f}" if c.detectable else "")
-                + f": {check.verdict}.")
+            lines.append(f"  - {check.sentence}: {check.numbers}"
+                         + (f", detectable Δ {c.detectable:.4f}" if c.detectable else "")
+                         + f": {check.verdict_text}.")
     return "\n".join(lines)

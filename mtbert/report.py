@@ -2,14 +2,17 @@
 against a reference row, Δm over single-task baselines, and the paper's claims.
 
     python -m mtbert.report SWEEP_DIR [SWEEP_DIR ...] [--out DIR] [--reference ROW]
-                            [--claims FILE] [--data-root DIR]
+                            [--claims FILE] [--data-root DIR] [--allow-mixed]
 
 Reads every job (a folder with `.hydra/config.yaml`) under the given folders, and writes
-`table.md` (the tables, the comparisons, Δm and the claims' verdicts), `table.csv` (one
-line per row, seeds included), `comparisons.csv`, `bars.png`, `seeds.png` and
-`curves.png` to `--out` (default: the first sweep folder), printing the tables. Failed
-jobs, jobs without results and seeds that ran for some rows but not others are shown as
-such, never dropped. The statistics are in `mtbert.stats`, the claims in `mtbert.claims`.
+`table.md` (the tables, each row's provenance, the comparisons, Δm and the claims'
+verdicts), `readings.md` (one sentence per comparison and claim, its numbers as the table
+gives them), `table.csv` (one line per row, seeds included), `comparisons.csv`,
+`bars.png`, `seeds.png` and `curves.png` to `--out` (default: the first sweep folder),
+printing the tables. Failed jobs, jobs without results and seeds that ran for some rows but
+not others are shown as such, never dropped; a row whose runs were made differently
+(precision, device, code, checkpoint selection) is refused unless `--allow-mixed`, and then
+flagged. The statistics are in `mtbert.stats`, the claims in `mtbert.claims`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from mtbert.evaluate import PAPER_METRICS
 from mtbert.rundir import read_events
 
 LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "mean": "mean"}
+
+# What a run's numbers depend on beyond its row's config: runs of one row must agree on them.
+MADE_WITH = ("selected on", "precision", "device", "code")
+UNKNOWN = "unknown"  # a run from before results.json recorded it
 
 # Table 1 of the paper: SST acc, Quora acc, STS Pearson, average of the three.
 PAPER_KEYS = (*PAPER_METRICS, "mean")
@@ -59,6 +66,37 @@ class Job:
     @property
     def dev(self) -> dict:
         return self.results.get("dev") or {}
+
+    @property
+    def made_with(self) -> dict[str, str]:
+        """Each of MADE_WITH as one comparable string. Runs from before `selected_on` chose
+        on dev; before `provenance`, only the top-level precision and device kind are known."""
+        r = self.results
+        p = r.get("provenance") or {}
+        return {"selected on": r.get("selected_on") or "dev",
+                "precision": p.get("precision") or r.get("precision") or UNKNOWN,
+                "device": device_name(p.get("device"), r.get("device")), "code": code_name(p.get("code"))}
+
+
+class MixedRunsError(ValueError):
+    pass
+
+
+def device_name(device: dict | None, kind: str | None = None) -> str:
+    """`Intel Xeon ... (AVX512)` or `NVIDIA H100 ... (capability 9.0)`: what decides the arithmetic."""
+    if not device:
+        return f"{kind} ({UNKNOWN} model)" if kind else UNKNOWN
+    detail = device.get("isa") or (f"capability {device['capability']}" if device.get("capability") else None)
+    return (device.get("name") or device.get("type") or UNKNOWN) + (f" ({detail})" if detail else "")
+
+
+def code_name(code: dict | None) -> str:
+    """The commit's short hash, `+dirty` with uncommitted changes; the package version without a checkout."""
+    if not code:
+        return UNKNOWN
+    if not code.get("commit"):
+        return f"mtbert {code.get('version') or UNKNOWN} (no git checkout)"
+    return code["commit"][:10] + ("+dirty" if code.get("dirty") else "")
 
 
 def find_jobs(folders: list[Path]) -> list[Job]:
@@ -153,11 +191,16 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
                     notes.append(f"seed {j.seed} skipped {j.results['skipped_steps']} of "
                                  f"{j.results['steps']} steps (non-finite loss)")
         notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
+        made_with = made_with_values(list(done.values()))
+        on_dev = sum(len(paths) for value, paths in made_with["selected on"].items() if value == "dev")
+        if on_dev:
+            notes.insert(0, f"selected on dev ({on_dev} of {len(done)} seeds)")
         alone = single_task(group)
         if alone:
             notes.insert(0, f"single-task baseline: trains {alone} only")
         row = {"row": name, "completed": len(done), "jobs": len(group), "single_task": alone,
-               "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())}}
+               "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())},
+               "made_with": made_with, "on_dev": on_dev}
         paper = dict(zip(PAPER_KEYS, PAPER.get(name, ())))  # a row with overrides is not the paper's
         for key in keys:
             values = {s: j.dev[key] for s, j in sorted(done.items()) if j.dev.get(key) is not None}
@@ -181,6 +224,39 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
 
 def mean_or_none(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
+
+
+def made_with_values(jobs: list[Job]) -> dict[str, dict[str, list[Path]]]:
+    """Per field of MADE_WITH, each value the runs have and the runs that have it."""
+    values = {f: defaultdict(list) for f in MADE_WITH}
+    for job in jobs:
+        for f, value in job.made_with.items():
+            values[f][value].append(job.path)
+    return {f: dict(v) for f, v in values.items()}
+
+
+def made_with_cell(row: dict, field: str) -> str:
+    return " / ".join(row["made_with"][field]) or "-"
+
+
+def mixed_rows(rows: list[dict]) -> list[tuple[str, str, dict[str, list[Path]]]]:
+    """(row, field, value -> runs) for every row whose completed runs differ in a field of
+    MADE_WITH: its interval and tests would pool runs that differ in more than the seed."""
+    return [(r["row"], f, values) for r in rows for f, values in r["made_with"].items() if len(values) > 1]
+
+
+def mixed_lines(mixed: list) -> list[str]:
+    return [f"- `{row}` mixes {field}: " + "; ".join(f"{value} in {', '.join(map(str, paths))}"
+                                                     for value, paths in values.items())
+            for row, field, values in mixed]
+
+
+def refuse_mixed(mixed: list):
+    raise MixedRunsError(
+        "rows whose runs were made differently (their intervals and tests would pool more than "
+        "seeds):\n" + "\n".join(mixed_lines(mixed)) + "\nReport such runs as separate rows (or "
+        "leave some out), or pass --allow-mixed (report(..., allow_mixed=True)) to go on with a "
+        "warning in table.md.")
 
 
 def compare(rows: list[dict], keys: list[str], reference: str,
@@ -320,7 +396,8 @@ def markdown(rows: list[dict], keys: list[str]) -> str:
 def comparisons_markdown(comparisons: list[dict], reference: str) -> str:
     tested = sum(isinstance(c["result"], stats.Comparison) for c in comparisons)
     lines = [f"Δ = row − `{reference}`, paired by seed: mean difference with its 95% t-interval, "
-             f"paired t-test, Holm's correction across the {tested} tests of this table, the exact "
+             f"paired t-test, Holm's correction across the {tested} tests of this table (a family apart "
+             "from the claims'), the exact "
              "sign-flip permutation test (its smallest p is 2/2^seeds), and the smallest Δ a paired "
              "t-test on these seeds detects with 80% power at this spread.", "",
              "| row | metric | seeds | Δ [95% CI] | p | p Holm | p sign-flip | detectable Δ | verdict |",
@@ -330,18 +407,41 @@ def comparisons_markdown(comparisons: list[dict], reference: str) -> str:
         if isinstance(r, str):
             lines.append(f"| {c['row']} | {label(c['metric'])} | - | - | - | - | - | - | {r} |")
             continue
-        differs = r.p_holm is not None and r.p_holm < stats.ALPHA
-        verdict = ("differs" if differs else "no difference detected") + (
-            "" if r.seeds else " (bootstrap over dev examples: seed noise not included)")
         lines.append(
             f"| {c['row']} | {label(c['metric'])} | {','.join(map(str, r.seeds)) or 1} | "
-            f"{r.mean:+.4f} [{fmt(r.low, 4, '+')}, {fmt(r.high, 4, '+')}] | {fmt_p(r.p)} | "
-            f"{fmt_p(r.p_holm)} | {fmt_p(r.p_signflip)} | {fmt(r.detectable, 4)} | {verdict} |")
+            f"{delta_text(r)} | {fmt_p(r.p)} | {fmt_p(r.p_holm)} | {fmt_p(r.p_signflip)} | "
+            f"{fmt(r.detectable, 4)} | {comparison_verdict(r)} |")
     return "\n".join(lines)
+
+
+def delta_text(r: stats.Comparison) -> str:
+    return f"{r.mean:+.4f} [{fmt(r.low, 4, '+')}, {fmt(r.high, 4, '+')}]"
+
+
+def comparison_verdict(r: stats.Comparison) -> str:
+    differs = r.p_holm is not None and r.p_holm < stats.ALPHA
+    return ("differs" if differs else "no difference detected") + (
+        "" if r.seeds else " (bootstrap over dev examples: seed noise not included)")
 
 
 def fmt_p(p) -> str:
     return "-" if p is None else f"{p:.3g}"
+
+
+def provenance_markdown(rows: list[dict]) -> str:
+    """How each row's completed runs were made, and the fields in which rows differ from
+    each other: a gap between such rows may come from how they were made."""
+    lines = ["How each row's completed runs were made (`results.json`'s `selected_on` and `provenance`): "
+             "the split that chose the checkpoint, the precision, the device (CPU and the instruction "
+             "set its kernels used, or GPU and compute capability) and the code's commit. "
+             f"`{UNKNOWN}`: runs from before mtbert recorded it.", "",
+             "| row | selected on | precision | device | code |", "|---|---|---|---|---|"]
+    lines += [f"| {r['row']} | " + " | ".join(made_with_cell(r, f) for f in MADE_WITH) + " |" for r in rows]
+    between = [f for f in MADE_WITH if len({v for r in rows for v in r["made_with"][f]}) > 1]
+    if between:
+        lines += ["", f"The rows differ in {', '.join(between)}: a gap between two of them may come "
+                  "from how they were made as well as from what the rows change."]
+    return "\n".join(lines)
 
 
 def delta_m_markdown(baselines: dict[str, float], rows: list[dict]) -> str:
@@ -367,11 +467,12 @@ def write_csv(rows: list[dict], keys: list[str], path: Path):
         columns += [k, f"{k}_low", f"{k}_high", f"{k}_sd", f"{k}_min", f"{k}_max", f"{k}_paper",
                     f"{k}_seeds"]
     columns += ["steps", "examples_seen", "minutes", "notes"]
+    made_with = {f.replace(" ", "_"): f for f in MADE_WITH}
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
+        writer = csv.DictWriter(f, fieldnames=columns + list(made_with))
         writer.writeheader()
         for r in rows:
-            line = {k: r[k] for k in columns}
+            line = {k: r[k] for k in columns} | {k: made_with_cell(r, f) for k, f in made_with.items()}
             for k in columns:
                 if isinstance(line[k], dict):
                     line[k] = json.dumps(line[k])
@@ -443,31 +544,47 @@ def plot_seeds(rows: list[dict], keys: list[str], path: Path):
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+CURVE_SPLITS = {  # the splits the eval events hold -> (axis label, title)
+    frozenset({"validation"}): ("validation", "the held-out validation rows"),
+    frozenset({"dev"}): ("dev", "the dev sets (the runs were selected on dev)"),
+    frozenset({"validation", "dev"}): ("validation or dev",
+                                       "the held-out validation rows, or dev for runs selected on dev"),
+}
+
+
 def plot_curves(jobs: list[Job], keys: list[str], path: Path):
-    """Dev metric per task against that task's examples seen, one line per row (seed
+    """The metric that chose each checkpoint (held-out validation rows, or dev for runs
+    selected on dev) per task against that task's examples seen, one line per row (seed
     mean); a task a row does not train has no curve there."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = keys[:-1]  # the tasks' own metrics, not the mean
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.4), squeeze=False)
     axes = axes[0]
     curves = defaultdict(lambda: defaultdict(list))  # (row, key) -> examples -> values
+    splits = set()
     for job in jobs:
         for event in read_events(job.path, "eval"):
-            seen, dev = event.get("examples_seen", {}), event.get("dev") or {}
+            split = "validation" if event.get("validation") is not None else "dev"
+            seen, metrics = event.get("examples_seen", {}), event.get(split) or {}
             for key in keys:
                 task = key.rsplit("_", 1)[0]
-                if dev.get(key) is not None and task in seen:
-                    curves[(job.row, key)][seen[task]].append(dev[key])
+                if metrics.get(key) is not None and task in seen:
+                    curves[(job.row, key)][seen[task]].append(metrics[key])
+                    splits.add(split)
+    short, split_title = CURVE_SPLITS.get(frozenset(splits), ("-", "no evaluations"))
     for ax, key in zip(axes, keys):
         for (row, k), points in sorted(curves.items()):
             if k == key:
                 xs = sorted(points)
                 ax.plot(xs, [statistics.fmean(points[x]) for x in xs], marker="o", label=row)
         ax.set_xlabel(f"{key.rsplit('_', 1)[0]} examples seen")
+        ax.set_ylabel(f"{label(key)} on {short}")
         ax.set_title(label(key))
+    fig.suptitle(f"Evaluations that chose the checkpoints, on {split_title}", fontsize=10)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -475,7 +592,10 @@ def plot_curves(jobs: list[Job], keys: list[str], path: Path):
 
 
 def report(folders: list[Path], out: Path | None = None, reference: str | None = None,
-           claims_file: Path | None = claims_module.PAPER_CLAIMS, data_root: str | None = None) -> str:
+           claims_file: Path | None = claims_module.PAPER_CLAIMS, data_root: str | None = None,
+           allow_mixed: bool = False) -> str:
+    """Write the report's files to `out` and return table.md's text. A row whose runs were
+    made differently (MADE_WITH) stops it, naming the runs, unless `allow_mixed`."""
     jobs = find_jobs(folders)
     keys = metric_keys(jobs)
     rows = summarize(jobs, keys)
@@ -483,23 +603,36 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     reference = reference or names[0]
     if reference not in names:
         raise ValueError(f"--reference {reference!r} is not a row of this report; rows: {names}")
+    mixed = mixed_rows(rows)
+    if mixed and not allow_mixed:
+        refuse_mixed(mixed)
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     comparisons = compare(rows, keys, reference, data_root)
     baselines, deltas = delta_m_rows(rows, keys)
-    sections = ["Dev scores: the mean over completed seeds, its 95% Student-t interval over seeds in "
-                "brackets (with 2 seeds or more)"
-                + (", the paper's number in parentheses." if has_paper_rows(rows, keys) else "."),
-                "", markdown(rows, keys)]
+    claims = judge_claims(claims_file, rows, keys) if claims_file is not None else None
+    sections = []
+    if mixed:
+        sections += ["## Warning: rows mixing runs made differently", "",
+                     "Reported with --allow-mixed: these rows' intervals and tests pool runs that "
+                     "differ in more than the seed.", "", *mixed_lines(mixed), ""]
+    on_dev = (", or on dev where a row's notes say \"selected on dev\": dev then both chose and "
+              "scores it, which flatters it" if any(r["on_dev"] for r in rows) else "")
+    sections += [f"Dev scores of the checkpoint each run chose (on the held-out validation rows{on_dev}): "
+                 "the mean over completed seeds, its 95% Student-t interval over seeds in brackets "
+                 "(with 2 seeds or more)"
+                 + (", the paper's number in parentheses." if has_paper_rows(rows, keys) else "."),
+                 "", markdown(rows, keys), "", "## Provenance", "", provenance_markdown(rows)]
     if comparisons:
         sections += ["", f"## Paired comparisons against {reference}", "",
                      comparisons_markdown(comparisons, reference)]
     if deltas:
         sections += ["", "## Δm against single-task baselines", "", delta_m_markdown(baselines, deltas)]
-    if claims_file is not None:
-        sections += ["", "## Claims", "", claims_markdown(claims_file, rows, keys)]
+    if claims is not None:
+        sections += ["", "## Claims", "", claims_markdown(claims_file.name, *claims, comparisons, reference)]
     text = "\n".join(sections) + "\n"
     (out / "table.md").write_text(text)
+    (out / "readings.md").write_text(readings(rows, comparisons, reference, claims[0] if claims else None, mixed))
     write_csv(rows, keys, out / "table.csv")
     write_comparisons_csv(comparisons, out / "comparisons.csv")
     plot_bars(rows, keys, out / "bars.png")
@@ -508,16 +641,70 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     return text
 
 
-def claims_markdown(path: Path, rows: list[dict], keys: list[str]) -> str:
-    """The verdicts of the claims whose rows are in the report; the others listed as untested."""
+def judge_claims(path: Path, rows: list[dict], keys: list[str]) -> tuple[list, list]:
+    """The judged claims with a row in the report, and the others (none of their rows here)."""
     values = {r["row"]: {k: r[f"{k}_seeds"] for k in keys} for r in rows}
     claims = claims_module.load_claims(path)
     relevant = [c for c in claims if any(ch.a in values or ch.b in values for ch in c.checks)]
-    text = claims_module.markdown(claims_module.judge(relevant, values)) if relevant else ""
-    others = [c.text for c in claims if c not in relevant]
+    return claims_module.judge(relevant, values), [c for c in claims if c not in relevant]
+
+
+def claims_markdown(name: str, relevant: list, others: list, comparisons: list[dict], reference: str) -> str:
+    """The verdicts, after the family of tests Holm's correction ran over."""
+    text = claims_module.markdown(relevant)
     if others:
-        text += ("\n" if text else "") + "- Not tested here (none of their rows is in this report): " + "; ".join(others) + "."
-    return f"From {path.name}; p-values Holm-corrected across the checks of the claims tested.\n\n" + text
+        text += (("\n" if text else "") + "- Not tested here (none of their rows is in this report): "
+                 + "; ".join(c.text for c in others) + ".")
+    return f"From {name}. {claims_family(relevant, comparisons, reference)}\n\n" + text
+
+
+def claims_family(claims: list, comparisons: list[dict], reference: str) -> str:
+    """Which checks Holm's correction of the claims ran over, and the checks that compare the
+    same two rows as a paired comparison, whose Holm p differs there: another family."""
+    family = claims_module.family(claims)
+    if not family:
+        return "No check could be tested (each needs both rows and 2 seeds or more in common)."
+    text = (f"Holm's correction runs across the {len(family)} checks tested here ("
+            + "; ".join(c.sentence for c in family) + "), a family of its own.")
+    holm = {(c["row"], c["metric"]): c["result"].p_holm for c in comparisons
+            if isinstance(c["result"], stats.Comparison)}
+    if not holm:
+        return text
+    both = [(check, holm[(other, check.metric)]) for check in family
+            for other in [{check.a: check.b, check.b: check.a}.get(reference)]
+            if (other, check.metric) in holm]
+    text += (f" The paired comparisons against {reference} are another family ({len(holm)} tests), so "
+             "the same comparison can appear in both sections with two different Holm-adjusted "
+             "p-values, because the families differ")
+    return text + (": " + "; ".join(
+        f"{check.sentence}, Holm {check.p_holm:.3g} here and {fmt_p(p)} there"
+        + (" (here against the claim's margin or gain, there against no difference)"
+           if check.direction == "equal" or check.by else "") for check, p in both) if both else "") + "."
+
+
+def readings(rows: list[dict], comparisons: list[dict], reference: str, claims: list | None,
+             mixed: list) -> str:
+    """One plain sentence per paired comparison and per claim, its numbers as table.md gives
+    them, after the caveats a write-up must carry: generated, so never copied by hand."""
+    lines = ["# Readings", "", "Generated by `python -m mtbert.report` from the runs of table.md, "
+             "with its numbers; regenerate it rather than edit it.", ""]
+    on_dev = [f"{r['row']} ({r['on_dev']} of {r['completed']} seeds)" for r in rows if r["on_dev"]]
+    if on_dev:
+        lines.append(f"- Selected on dev, so dev both chose and scores their checkpoints: {', '.join(on_dev)}.")
+    lines += [f"- {row} mixes runs made differently in {field} ({', '.join(values)}): reported with "
+              "--allow-mixed." for row, field, values in mixed]
+    for c in comparisons:
+        r, head = c["result"], f"- {c['row']} − {reference}, {label(c['metric'])}"
+        if isinstance(r, str):
+            lines.append(f"{head}: not compared ({r}).")
+        else:
+            lines.append(f"{head}: Δ {delta_text(r)}, Holm p {fmt_p(r.p_holm)} "
+                         f"({f'{r.n} seeds' if r.seeds else 'one run each'}): {comparison_verdict(r)}.")
+    for claim in (claims or []):
+        tested = "; ".join(f"{ch.sentence}: {ch.numbers}" for ch in claim.checks
+                           if isinstance(ch.comparison, stats.Comparison))
+        lines.append(f"- Claim \"{claim.text}\": {claim.verdict_text}." + (f" Checks: {tested}." if tested else ""))
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
@@ -531,14 +718,17 @@ def main(argv=None):
     parser.add_argument("--no-claims", action="store_true", help="leave the claims section out")
     parser.add_argument("--data-root", default=None, help="the data folder for the gold dev labels "
                         "of a bootstrap (default: each run's data.root)")
+    parser.add_argument("--allow-mixed", action="store_true", help="report rows whose runs differ in "
+                        "precision, device, code or checkpoint selection, with a warning in table.md "
+                        "(default: refuse them)")
     args = parser.parse_args(argv)
     try:
         print(report(args.folders, args.out, args.reference, None if args.no_claims else args.claims,
-                     args.data_root))
+                     args.data_root, args.allow_mixed))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    print(f"\nwritten to {args.out or args.folders[0]}: table.md, table.csv, comparisons.csv, "
-          "bars.png, seeds.png, curves.png")
+    print(f"\nwritten to {args.out or args.folders[0]}: table.md, readings.md, table.csv, "
+          "comparisons.csv, bars.png, seeds.png, curves.png")
 
 
 if __name__ == "__main__":
