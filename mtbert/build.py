@@ -135,6 +135,8 @@ def current_terms(saved: DictConfig) -> DictConfig:
     for key in ("max_examples", "eval_every_examples"):
         if key not in saved.trainer:
             saved.trainer[key] = None
+    if "grad_scaler" not in saved.trainer:  # before fp16: no run used it
+        saved.trainer.grad_scaler = {"init_scale": 65536.0, "growth_interval": 2000}
     encodings = saved.model.get("pair_encoding") or {}
     for name, objective in build_objectives(saved, declared_tasks(saved)).items():
         if objective.head == "cosine" and encodings.get(name) == "cross":
@@ -237,6 +239,9 @@ class Setup:
         self.precision, why = resolve_precision(cfg.trainer.precision, self.device)
         log.info("precision %s (%s)", self.precision, why)
         self.provenance = provenance(self.device, self.precision, why)
+        # fp16 trains only with loss scaling; its state is in last.pt
+        self.scaler = (torch.amp.GradScaler(self.device.type, **cfg.trainer.grad_scaler)
+                       if self.precision == "fp16" else None)
         if self.device.type == "cpu":  # mtbert.threads chose the policy as the process started
             log.info("%d CPU threads, OMP_WAIT_POLICY %s", torch.get_num_threads(),
                      os.environ.get("OMP_WAIT_POLICY", "unset: torch's default, spinning"))

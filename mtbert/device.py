@@ -7,7 +7,7 @@ import os
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -35,8 +35,8 @@ def native_bf16_cpu() -> str | None:
 
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
     """The precision and why: 'auto' is bf16 where the hardware computes it natively (CUDA
-    compute capability 8.0 or more; a CPU with AVX512_BF16 or AMX), else fp32. (A T4 or
-    V100, 7.x, reports bf16 as supported, but emulates it.)"""
+    compute capability 8.0 or more; a CPU with AVX512_BF16 or AMX), fp16 with loss scaling
+    on CUDA 7.x (a T4 or V100, which report bf16 as supported but emulate it), else fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"trainer.precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
@@ -45,13 +45,15 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
         major, minor = torch.cuda.get_device_capability(device)
         if major >= 8:
             return "bf16", f"auto: compute capability {major}.{minor} computes bf16 natively"
-        return "fp32", f"auto: compute capability {major}.{minor} has no bf16 units"
+        if major == 7:
+            return "fp16", f"auto: compute capability {major}.{minor} has fp16 tensor cores but no bf16 units"
+        return "fp32", f"auto: compute capability {major}.{minor} has neither bf16 units nor fp16 tensor cores"
     if device.type == "cpu" and (isa := native_bf16_cpu()):
         return "bf16", f"auto: the CPU computes bf16 natively ({isa})"
     return "fp32", f"auto: the {device.type} has no native bf16 (AVX512_BF16 or AMX)"
 
 
 def autocast(device: torch.device, precision: str):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()

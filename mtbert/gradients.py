@@ -113,13 +113,27 @@ class GradientMethod:
                  diagnose: bool = False) -> dict | None:
         """Write gradients into `.grad`, averaged over the ranks (the only place a step
         averages gradients); with `diagnose`, return the task gradients' diagnostics (a
-        `grad` event's fields)."""
+        `grad` event's fields). `collect`, then `apply`."""
+        return self.apply(self.collect(losses, shared, heads, diagnose), diagnose)
+
+    def collect(self, losses: dict[str, Tensor], shared: list[nn.Parameter], heads: list[nn.Parameter] = (),
+                diagnose: bool = False) -> TaskGradients | None:
+        """Backpropagate the step's losses and average the gradients over the ranks: the
+        task gradients still to combine, or None where the summed loss was enough and
+        `.grad` holds the result. Apart from `apply`, so that fp16's loss scaling can
+        unscale and check what the method is about to combine (`step_gradients`)."""
         if not diagnose and self.sums(losses):
             sum(losses.values()).backward()
             distributed.average_([p.grad for p in [*shared, *heads] if p.grad is not None])
             return None
         grads = TaskGradients(losses, shared, self.storage(len(losses), shared))  # averages each task's
         distributed.average_([p.grad for p in heads if p.grad is not None])
+        return grads
+
+    def apply(self, grads: TaskGradients | None, diagnose: bool = False) -> dict | None:
+        """Combine the collected task gradients into the shared parameters' `.grad`."""
+        if grads is None:
+            return None
         combined, projections = self.combine(grads)
         grads.write(combined)
         return grads.diagnostics(combined, projections) if diagnose else None

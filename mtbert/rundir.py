@@ -56,7 +56,7 @@ def atomic(path: Path):
 # is missing or the run never got there
 RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "dev_last": None,
            "validation": None, "selected_on": None, "best_epoch": None,
-           "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "train_seconds": 0.0,
+           "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "overflow_steps": 0, "train_seconds": 0.0,
            "device": None, "precision": None, "provenance": None, "data": {}, "tokenizer": None, "error": None}
 
 

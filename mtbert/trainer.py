@@ -25,6 +25,7 @@ from mtbert.evaluate import evaluate, format_metrics, selection_score
 from mtbert.guards import Interrupted, NonFiniteLoss, NonFiniteWatch, StopSignals, nonfinite_tasks
 from mtbert.meters import Clock, Every, LossMeter, duration
 from mtbert.resume import check_resumable, rank_generators, restore_rank_generators
+from mtbert.scaling import scaled_step, step_gradients
 from mtbert.rundir import RunDir, checkpoint_exists, load_checkpoint, load_model_weights
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Trainer:
         self.epoch_draws = self.draws.get_state()
         self.seen = {t: 0 for t in s.train_tasks}
         self.skipped = 0  # batches skipped for a non-finite loss
+        self.overflows = 0  # fp16 steps the loss scaler skipped (a gradient overflowed; the scale backed off)
         self.sentences = 0
         self.best = {"score": -math.inf, "metrics": None, "epoch": None, "step": None}
         self.last_eval = None
@@ -102,14 +104,32 @@ class Trainer:
             return {}
         weighted = s.weighting.weigh(losses)
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
-        diagnostics = s.gradient.backward(weighted, [p for p in self.shared if p.requires_grad], self.heads,
-                                          diagnose=diagnose)
+        shared = [p for p in self.shared if p.requires_grad]
+        if s.scaler is not None:  # fp16: the scaler checks the gradients before the method combines them
+            weighted = {t: s.scaler.scale(loss) for t, loss in weighted.items()}
+        grads = s.gradient.collect(weighted, shared, self.heads, diagnose=diagnose)
+        diagnostics = None
+
+        def apply():
+            nonlocal diagnostics
+            diagnostics = s.gradient.apply(grads, diagnose)
+            s.optimizer.step()
+
+        taken = True
+        if s.scaler is None:
+            apply()
+        else:
+            taken = scaled_step(s.scaler, step_gradients(grads, shared, self.heads), apply)
         if diagnostics:
             self.run.event("grad", self.step, **diagnostics, loss_weights=s.weighting.logged())
-        s.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # an overflow skipped the optimizer step: the schedule keeps to the count
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
-        s.weighting.after_step(lambda: self.task_losses(batches))
+        if taken:
+            s.weighting.after_step(lambda: self.task_losses(batches))
+        else:
+            self.overflows += 1
         return {t: loss.detach() for t, loss in losses.items()}
 
     def skip(self, bad: list[str]):
@@ -232,7 +252,7 @@ class Trainer:
                 "validation": None if on_dev else self.best["metrics"], "selected_on": self.selected_on,
                 "best_epoch": self.best["epoch"],
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
-                "skipped_steps": self.skipped, "train_seconds": self.elapsed,
+                "skipped_steps": self.skipped, "overflow_steps": self.overflows, "train_seconds": self.elapsed,
                 "device": s.device.type, "precision": s.precision, "provenance": s.provenance, "data": s.files,
                 "tokenizer": s.tokenizer_digest}
 
@@ -252,11 +272,12 @@ class Trainer:
         rate = self.sentences / max(self.elapsed, 1e-9)
         self.run.event("train", self.step, epoch=self.epoch, loss=train_loss, lr=lr,
                        examples_seen=dict(self.seen), sentences_per_s=rate,
-                       step_seconds=step_seconds)
+                       step_seconds=step_seconds, overflow_steps=self.overflows)
         eta = step_seconds * (self.total_steps - self.step)
         log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
                  self.epoch, math.ceil(self.total_steps / self.steps_per_epoch), self.step, self.total_steps,
-                 " ".join(f"{t} {v:.3f}" for t, v in train_loss.items()), rate,
+                 " ".join(f"{t} {v:.3f}" for t, v in train_loss.items())
+                 + (f" | {self.overflows} fp16 overflow(s) skipped" if self.overflows else ""), rate,
                  duration(self.elapsed), duration(eta))
 
     def selection_name(self) -> str:
@@ -308,7 +329,7 @@ class Trainer:
         log.info("dev at the last step %d: %s", self.step, format_metrics(self.dev_last))
 
     # -- resuming -------------------------------------------------------------------------
-    LOOP_STATE = ("step", "epoch", "epoch_start", "seen", "skipped", "sentences", "best",
+    LOOP_STATE = ("step", "epoch", "epoch_start", "seen", "skipped", "overflows", "sentences", "best",
                   "last_eval", "latest", "elapsed")
 
     def state_dict(self) -> dict:
@@ -323,6 +344,7 @@ class Trainer:
             "sampler": s.sampler.state_dict(),
             "gradient": s.gradient.state_dict(),
             "weighting": s.weighting.state_dict(),
+            "scaler": s.scaler.state_dict() if s.scaler is not None else None,
             "data": {t: {split: {k: f[k] for k in ("path", "sha256")} for split, f in splits.items()}
                      for t, splits in s.files.items()},
             "tokenizer": s.tokenizer_digest,
@@ -343,6 +365,8 @@ class Trainer:
         s.sampler.load_state_dict(state["sampler"])
         s.gradient.load_state_dict(state["gradient"])
         s.weighting.load_state_dict(state.get("weighting", {}))  # absent before the weighting group
+        if s.scaler is not None:
+            s.scaler.load_state_dict(state["scaler"])
         self.draws.set_state(state["rng"]["draws"])
         self.epoch_draws = state["rng"]["epoch_draws"]
         restore_rank_generators(state["rng"])
