@@ -123,20 +123,27 @@ def check_pair_encodings(cfg: DictConfig, objectives: dict):
                               f"a loss without a cosine head (loss=baseline)")
 
 
+# Keys added since runs were first saved, with the value that keeps an older run's meaning.
+ADDED_KEYS = {
+    "weighting": {"_target_": "mtbert.weighting.Equal"},  # the losses were summed with equal weights
+    "data.validation": None,  # the dev sets chose the checkpoint
+    "trainer.eval_every_steps": None,
+    "trainer.eval_tasks": None,  # every declared task was evaluated
+    "trainer.max_examples": None,
+    "trainer.eval_every_examples": None,
+    "trainer.grad_scaler": {"init_scale": 65536.0, "growth_interval": 2000},  # no run used fp16
+    "model.gradient_checkpointing": False,
+}
+
+
 def current_terms(saved: DictConfig) -> DictConfig:
     """A config saved by an earlier mtbert, restated in today's keys with the meaning it had,
-    so that its runs still resume: before the `weighting` group the losses were summed with
-    equal weights; before `data.validation` the dev sets chose the checkpoint; before `check_pair_encodings`, a 'cross' pair encoding under a cosine
-    loss was encoded siamese (the loss decided, as `null` says now)."""
-    if "weighting" not in saved:
-        saved.weighting = {"_target_": "mtbert.weighting.Equal"}
-    if "validation" not in saved.data:  # before the held-out split, the dev sets chose
-        saved.data.validation = None
-    for key in ("max_examples", "eval_every_examples"):
-        if key not in saved.trainer:
-            saved.trainer[key] = None
-    if "grad_scaler" not in saved.trainer:  # before fp16: no run used it
-        saved.trainer.grad_scaler = {"init_scale": 65536.0, "growth_interval": 2000}
+    so that its runs still resume and predict: each key added since (`ADDED_KEYS`) with the
+    value that meant what the run did; and before `check_pair_encodings`, a 'cross' pair
+    encoding under a cosine loss was encoded siamese (the loss decided, as `null` says now)."""
+    for key, value in ADDED_KEYS.items():
+        if OmegaConf.select(saved, key, default=KeyError) is KeyError:
+            OmegaConf.update(saved, key, value, force_add=True)
     encodings = saved.model.get("pair_encoding") or {}
     for name, objective in build_objectives(saved, declared_tasks(saved)).items():
         if objective.head == "cosine" and encodings.get(name) == "cross":
@@ -180,11 +187,11 @@ def check_trainer(tcfg: DictConfig):
     """The loop's own settings, checked before anything loads."""
     if tcfg.on_nonfinite not in ("error", "skip"):
         raise ConfigError(f"trainer.on_nonfinite must be 'error' or 'skip', got {tcfg.on_nonfinite!r}")
-    if tcfg.get("eval_every_steps") is not None and tcfg.get("eval_every_examples") is not None:
+    if tcfg.eval_every_steps is not None and tcfg.eval_every_examples is not None:
         raise ConfigError("trainer.eval_every_steps and trainer.eval_every_examples both set: keep one, "
                           "set the other to null")
     for key in ("evals_per_epoch", "eval_every_steps", "eval_every_examples", "epochs", "max_steps", "max_examples"):
-        value = tcfg.get(key)  # eval_every_steps is absent from older runs' configs
+        value = tcfg[key]
         if (value is not None or key in ("evals_per_epoch", "epochs")) and not (
                 isinstance(value, int) and value >= 1):
             raise ConfigError(f"trainer.{key} must be a whole number >= 1"
@@ -302,7 +309,7 @@ def evaluated_tasks(cfg: DictConfig) -> list[str]:
     every declared task by default. A single-task baseline names its own task, since an
     untrained head's score is noise that would sway the choice."""
     tasks = declared_tasks(cfg)
-    names = OmegaConf.select(cfg, "trainer.eval_tasks")  # absent from older runs' configs
+    names = cfg.trainer.eval_tasks
     if names is None:
         return list(tasks)
     check_task_names(names, tasks, "trainer.eval_tasks")

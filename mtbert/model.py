@@ -98,7 +98,8 @@ class CosineHead(nn.Module):
 
 class MultitaskBert(nn.Module):
     def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], pair_encoding: dict[str, str],
-                 source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1):
+                 source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -107,6 +108,8 @@ class MultitaskBert(nn.Module):
         self.pooling = pooling
         self.encoder = load_encoder(source, random_init)
         self.encoder_trainable = True
+        if gradient_checkpointing:  # transformers' own; the non-reentrant kind allows PCGrad's repeated backward
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         family = self.encoder.config.model_type
         if pooling == "pooler" and getattr(self.encoder, "pooler", None) is None:
             raise ValueError(f"pooling=pooler: this {family} encoder has no pooler; use mean or cls")

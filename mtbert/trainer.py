@@ -51,14 +51,14 @@ class Trainer:
             self.total_steps = min(self.total_steps, self.tcfg.max_steps)
         # a step holds one batch of every training task, or of one: examples as steps, alike for every sampler
         step_examples = cfg.data.batch_size * (len(s.train_tasks) if s.sampler.every_task else 1)
-        if self.tcfg.get("max_examples") is not None:
+        if self.tcfg.max_examples is not None:
             self.total_steps = min(self.total_steps, math.ceil(self.tcfg.max_examples / step_examples))
         if self.total_steps < 1:
             raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
         with config_key("weighting", cfg.weighting):
             s.weighting.check(self.total_steps, self.steps_per_epoch)
-        self.eval_every_steps = self.tcfg.get("eval_every_steps")  # absent from older runs' configs
-        if self.tcfg.get("eval_every_examples") is not None:
+        self.eval_every_steps = self.tcfg.eval_every_steps
+        if self.tcfg.eval_every_examples is not None:
             self.eval_every_steps = math.ceil(self.tcfg.eval_every_examples / step_examples)
         # what chooses the checkpoint: the held-out rows of the training files, or the dev sets themselves
         self.selected_on = "validation" if s.validation else "dev"

@@ -172,7 +172,7 @@ def test_a_config_from_before_eval_every_steps_still_trains(tmp_path, data_dir):
                                           f"data.root={data_dir}", f"data.cache_dir={tmp_path}/c"])
     with open_dict(cfg):
         del cfg.trainer.eval_every_steps
-    t = Trainer(cfg, RunDir(tmp_path / "run"))
+    t = Trainer(current_terms(cfg), RunDir(tmp_path / "run"))
     assert t.eval_every_steps is None
     assert t.fit()["steps"] == 5
 
