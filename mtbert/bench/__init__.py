@@ -1,6 +1,8 @@
 """Benchmarks, each measuring its variants side by side in one run: `python -m mtbert.bench`
-(speed of the step, the evaluation and a short run) and `python -m mtbert.bench.load`
-(the step on a machine busy with other processes)."""
+(speed of the step, the evaluation and a short run), `python -m mtbert.bench.load`
+(the step on a machine busy with other processes) and `python -m mtbert.bench.gpu` (the
+one-call device check for a lent GPU: facts, the `cuda` tests, matmul peaks, the step in
+every precision, a short run)."""
 
 import json
 from pathlib import Path
