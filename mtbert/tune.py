@@ -33,11 +33,7 @@ from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtbert.evaluate import format_table, selection_score
-from mtbert.guards import Interrupted
-from mtbert.logger import Job
-from mtbert.rundir import RunDir, results_record
-from mtbert.trainer import train
+from mtbert.schema import UnknownKeyError, check_keys
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -113,12 +109,20 @@ class Objective:
             trial.study.sampler = instantiate(self.hpo.sampler, seed=seed + trial.number)
 
     def score(self, metrics: dict) -> float:
+        from mtbert.evaluate import selection_score
+
         if self.hpo.metric == "mean":
             return selection_score(metrics)
         value = metrics.get(self.hpo.metric)
         return float("nan") if value is None else value
 
     def __call__(self, trial: optuna.Trial) -> float:
+        from mtbert.evaluate import format_table  # torch, transformers, W&B: once a trial runs
+        from mtbert.guards import Interrupted
+        from mtbert.logger import Job
+        from mtbert.rundir import RunDir, results_record
+        from mtbert.trainer import train
+
         if not self.seeded:
             self.seed_sampler(trial)
         params = {key: suggest(trial, key, dict(spec)) for key, spec in self.hpo.space.items()}
@@ -221,6 +225,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     try:
         cfg = compose_config(args.overrides)
     except HydraException as e:  # an unknown option or key: Hydra's message says which
+        sys.exit(f"error: {e}")
+    try:  # a key added with `+` and declared nowhere (mtbert.schema); trials add hpo.space keys only
+        check_keys(cfg, args.overrides)
+    except UnknownKeyError as e:
         sys.exit(f"error: {e}")
     if cfg.get("hpo") is None:
         sys.exit("error: name a search space, e.g. hpo=paper_rates (conf/hpo/)")
