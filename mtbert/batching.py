@@ -137,6 +137,20 @@ class Batch:
                                else value.to(device))
         return Batch(**moved)
 
+    def split(self, parts: int) -> list[Batch]:
+        """This batch's examples in up to `parts` micro-batches (gradient accumulation), each
+        still counted against the whole global batch. They keep the batch's padding: trimming
+        it would read the lengths back from the device."""
+        n = len(self.index)
+        micro = []
+        for rows in torch.arange(n, device=self.index.device).tensor_split(min(parts, n)):
+            sequences = torch.cat([rows, rows + n]) if self.input_ids.shape[0] == 2 * n else rows  # siamese pairs
+            micro.append(Batch(self.input_ids[sequences], self.attention_mask[sequences],
+                               None if self.token_type_ids is None else self.token_type_ids[sequences],
+                               None if self.labels is None else self.labels[rows], self.index[rows],
+                               self.global_size))
+        return micro
+
     @property
     def num_sequences(self) -> int:
         return self.input_ids.shape[0]

@@ -133,6 +133,7 @@ ADDED_KEYS = {
     "trainer.eval_every_examples": None,
     "trainer.grad_scaler": {"init_scale": 65536.0, "growth_interval": 2000},  # no run used fp16
     "model.gradient_checkpointing": False,
+    "trainer.accumulate": 1,
 }
 
 
@@ -190,12 +191,12 @@ def check_trainer(tcfg: DictConfig):
     if tcfg.eval_every_steps is not None and tcfg.eval_every_examples is not None:
         raise ConfigError("trainer.eval_every_steps and trainer.eval_every_examples both set: keep one, "
                           "set the other to null")
-    for key in ("evals_per_epoch", "eval_every_steps", "eval_every_examples", "epochs", "max_steps", "max_examples"):
+    required = ("evals_per_epoch", "epochs", "accumulate")
+    for key in (*required, "eval_every_steps", "eval_every_examples", "max_steps", "max_examples"):
         value = tcfg[key]
-        if (value is not None or key in ("evals_per_epoch", "epochs")) and not (
-                isinstance(value, int) and value >= 1):
+        if (value is not None or key in required) and not (isinstance(value, int) and value >= 1):
             raise ConfigError(f"trainer.{key} must be a whole number >= 1"
-                              f"{'' if key in ('evals_per_epoch', 'epochs') else ' or null'}, got {value!r}")
+                              f"{'' if key in required else ' or null'}, got {value!r}")
 
 
 def check_every_task(sampler, tasks: list[str], methods: dict):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterable
 from functools import cached_property
 
 import torch
@@ -30,25 +31,49 @@ class TaskGradients:
     extra memory is this one vector per task.
 
     Each task's loss is backpropagated alone; the gradients it leaves on the shared
-    parameters move into its row, while those on its head stay. Expects the shared
-    parameters' gradients cleared (`zero_grad(set_to_none=True)`).
+    parameters move into its row (added to it, for the micro-batches of an accumulated
+    step), while those on its head stay. Expects the shared parameters' gradients cleared
+    (`zero_grad(set_to_none=True)`).
     """
 
-    def __init__(self, losses: dict[str, Tensor], shared: list[nn.Parameter], storage: Tensor):
-        self.tasks, self.params = list(losses), shared
+    def __init__(self, tasks: list[str], shared: list[nn.Parameter], storage: Tensor):
+        self.tasks, self.params = list(tasks), shared
         self.sizes = [p.numel() for p in shared]
-        self.matrix = storage[:len(losses) * sum(self.sizes)].view(len(losses), sum(self.sizes))
+        self.matrix = storage[:len(tasks) * sum(self.sizes)].view(len(tasks), sum(self.sizes))
         self.reached = [False] * len(shared)
-        for i, loss in enumerate(losses.values()):
-            loss.backward(retain_graph=i < len(losses) - 1)  # the tasks' graphs may overlap
-            for k, (p, row) in enumerate(zip(shared, self.matrix[i].split(self.sizes))):
-                if p.grad is None:
-                    row.zero_()
-                else:
-                    row.view_as(p).copy_(p.grad)
+        self.filled = [False] * len(tasks)  # a row's first gradient is copied in, later ones added
+
+    def add(self, losses: dict[str, Tensor]):
+        """Backpropagate each task's loss alone and move its shared gradients into its row."""
+        for n, (task, loss) in enumerate(losses.items()):
+            i = self.tasks.index(task)
+            loss.backward(retain_graph=n < len(losses) - 1)  # the tasks' graphs may overlap
+            for k, (p, row) in enumerate(zip(self.params, self.matrix[i].split(self.sizes))):
+                if p.grad is not None:
+                    row.view_as(p).add_(p.grad) if self.filled[i] else row.view_as(p).copy_(p.grad)
                     self.reached[k] = True
                     p.grad = None
-        distributed.average_([self.matrix])  # each task's gradient over the ranks
+                elif not self.filled[i]:
+                    row.zero_()
+            self.filled[i] = True
+
+    def average(self):
+        """Each task's gradient over the ranks."""
+        distributed.average_([self.matrix])
+
+    def scale(self, weights: Tensor):
+        """Row i times weights[i]: a loss weighting applied to the gradients it would have scaled."""
+        self.matrix.mul_(weights.to(self.matrix)[:, None])
+
+    def of(self, param: nn.Parameter) -> Tensor | None:
+        """Each task's gradient on one shared parameter [T, *shape], or None if none reached it."""
+        for k, p in enumerate(self.params):
+            if p is param:
+                if not self.reached[k]:
+                    return None
+                start = sum(self.sizes[:k])
+                return self.matrix[:, start:start + self.sizes[k]].view(len(self.tasks), *p.shape)
+        return None
 
     @cached_property
     def gram(self) -> Tensor:
@@ -126,7 +151,27 @@ class GradientMethod:
             sum(losses.values()).backward()
             distributed.average_([p.grad for p in [*shared, *heads] if p.grad is not None])
             return None
-        grads = TaskGradients(losses, shared, self.storage(len(losses), shared))  # averages each task's
+        grads = TaskGradients(list(losses), shared, self.storage(len(losses), shared))
+        grads.add(losses)
+        grads.average()
+        distributed.average_([p.grad for p in heads if p.grad is not None])
+        return grads
+
+    def accumulate(self, micro_losses: Iterable[dict[str, Tensor]], tasks: list[str], shared: list[nn.Parameter],
+                   heads: list[nn.Parameter], per_task: bool) -> TaskGradients | None:
+        """`collect` for a step in micro-batches (`trainer.accumulate`), each one's losses its
+        share of the whole batch's: the task gradients of the whole batch, kept apart where the
+        method combines them or a loss weighting scales them (`per_task`), else summed in
+        `.grad`; averaged over the ranks once, after the last micro-batch."""
+        if not per_task:
+            for losses in micro_losses:
+                sum(losses.values()).backward()
+            distributed.average_([p.grad for p in [*shared, *heads] if p.grad is not None])
+            return None
+        grads = TaskGradients(tasks, shared, self.storage(len(tasks), shared))
+        for losses in micro_losses:
+            grads.add(losses)
+        grads.average()
         distributed.average_([p.grad for p in heads if p.grad is not None])
         return grads
 

@@ -96,18 +96,59 @@ class Trainer:
         the verdict before the optimizer step (one host sync per step, in that mode only).
         """
         s = self.setup
-        losses = self.task_losses(batches)
+        diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
+        shared = [p for p in self.shared if p.requires_grad]
+        if self.tcfg.accumulate > 1:
+            losses, grads = self.accumulated(batches, shared, diagnose)
+        else:
+            losses = self.task_losses(batches)
         if self.tcfg.on_nonfinite == "error":
             self.nonfinite.note(self.step, {t: loss.detach() for t, loss in losses.items()})
         elif bad := nonfinite_tasks(losses):
+            s.optimizer.zero_grad(set_to_none=True)
             self.skip(bad)
             return {}
-        weighted = s.weighting.weigh(losses)
-        diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
-        shared = [p for p in self.shared if p.requires_grad]
-        if s.scaler is not None:  # fp16: the scaler checks the gradients before the method combines them
-            weighted = {t: s.scaler.scale(loss) for t, loss in weighted.items()}
-        grads = s.gradient.collect(weighted, shared, self.heads, diagnose=diagnose)
+        if self.tcfg.accumulate == 1:
+            grads = s.gradient.collect(self.scaled(s.weighting.weigh(losses)), shared, self.heads, diagnose)
+        self.update(grads, shared, diagnose, batches)
+        return {t: loss.detach() for t, loss in losses.items()}
+
+    def scaled(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """fp16: the losses times the loss scale, so that small gradients survive in fp16."""
+        scaler = self.setup.scaler
+        return losses if scaler is None else {t: scaler.scale(loss) for t, loss in losses.items()}
+
+    def accumulated(self, batches: dict[str, Batch], shared: list, diagnose: bool):
+        """The step's whole-batch task losses and gradients, from `trainer.accumulate`
+        micro-batches of each task's batch (less memory, the same update). Where the gradient
+        method combines task gradients or the weighting scales them, each task's gradient is
+        accumulated apart, and the weights come from the whole batch's losses."""
+        s = self.setup
+        parts = {t: batch.split(self.tcfg.accumulate) for t, batch in batches.items()}
+        totals = {}
+
+        def micro_losses():
+            for m in range(max(map(len, parts.values()))):
+                losses = self.task_losses({t: p[m] for t, p in parts.items() if m < len(p)})
+                for t, loss in losses.items():
+                    totals[t] = totals[t] + loss.detach() if t in totals else loss.detach()
+                yield self.scaled(losses)
+
+        per_task = diagnose or s.weighting.reweights or not s.gradient.sums(batches)
+        grads = s.gradient.accumulate(micro_losses(), list(batches), shared, self.heads, per_task)
+        weights = s.weighting.weigh_accumulated(totals, grads)
+        if weights is not None:
+            grads.scale(weights)
+            for t, w in zip(batches, weights):
+                for p in s.model.heads[t].parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(w)
+        return totals, grads
+
+    def update(self, grads, shared: list, diagnose: bool, batches: dict[str, Batch]):
+        """Combine the task gradients and step the optimizer (under fp16, only if the scaler
+        finds the gradients finite), then the LR schedule and the loss weighting."""
+        s = self.setup
         diagnostics = None
 
         def apply():
@@ -130,7 +171,6 @@ class Trainer:
             s.weighting.after_step(lambda: self.task_losses(batches))
         else:
             self.overflows += 1
-        return {t: loss.detach() for t, loss in losses.items()}
 
     def skip(self, bad: list[str]):
         """Skip the step (on_nonfinite=skip): counted, and the LR schedule keeps to the step count."""

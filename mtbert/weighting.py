@@ -38,9 +38,12 @@ def global_values(losses: Losses) -> Tensor:
 
 class Weighting:
     """Base class, and a method's hooks. `every_task`: the method needs every training
-    task's loss in each step (refused with samplers that give one task per step)."""
+    task's loss in each step (refused with samplers that give one task per step).
+    `reweights`: its weights are not all 1, so an accumulated step keeps the task
+    gradients apart to scale them (`weigh_accumulated`)."""
 
     every_task = True
+    reweights = True
 
     def __init__(self, tasks: list[str], lr: float | None = None):
         self.tasks, self.lr = list(tasks), lr
@@ -67,6 +70,13 @@ class Weighting:
     def weigh(self, losses: Losses) -> Losses:
         raise NotImplementedError
 
+    def weigh_accumulated(self, values: Losses, grads) -> Tensor | None:
+        """For a step accumulated over micro-batches: the weights from the whole batch's
+        loss values (detached) and task gradients (`gradients.TaskGradients`), to scale the
+        gradients with, as `weigh` scales the losses of a step in one piece."""
+        self.weigh(values)
+        return self.applied
+
     def after_step(self, recompute: Callable[[], Losses]):
         pass
 
@@ -92,9 +102,13 @@ class Equal(Weighting):
     """Eq. 1 as it stands: each loss times its lambda_t, summed."""
 
     every_task = False
+    reweights = False
 
     def weigh(self, losses):
         return losses
+
+    def weigh_accumulated(self, values, grads):
+        return None
 
 
 class Scalarized(Weighting):
@@ -211,20 +225,31 @@ class GradNorm(Weighting):
         return self
 
     def weigh(self, losses):
-        values = global_values(losses)
-        if self.initial is None:
-            self.initial = values.clone()
-        weights = self.weights.detach().clone()
+        grads = None
         if self.layer.requires_grad:
             grads = [torch.autograd.grad(loss, self.layer, retain_graph=True, allow_unused=True)[0]
                      for loss in losses.values()]
             grads = [torch.zeros_like(self.layer) if g is None else g.float() for g in grads]
             distributed.average_(grads)
+        return self.weighted(losses, self.learn(global_values(losses), grads))
+
+    def weigh_accumulated(self, values, grads):
+        layer = grads.of(self.layer) if grads is not None and self.layer.requires_grad else None
+        self.weighted(values, self.learn(global_values(values), None if layer is None else list(layer.float())))
+        return self.applied
+
+    def learn(self, values: Tensor, grads: list[Tensor] | None) -> Tensor:
+        """This step's weights; with the task gradients on W (over the ranks), the gradient
+        that moves them towards the targets."""
+        if self.initial is None:
+            self.initial = values.clone()
+        weights = self.weights.detach().clone()
+        if grads is not None:
             norms = torch.stack([g.norm() for g in grads])
             ratios = values / self.initial
             target = (weights * norms).mean() * (ratios / ratios.mean()) ** self.alpha
             self.weights.grad = torch.sign(weights * norms - target) * norms
-        return self.weighted(losses, weights)
+        return weights
 
     def after_step(self, recompute):
         with torch.no_grad():

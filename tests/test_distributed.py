@@ -35,14 +35,15 @@ def torchrun(*overrides, cwd, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("weighting=uw",),
-                                    ("weighting=gradnorm",), ("optim=gradvac",)], ids=" ".join)
+                                    ("weighting=gradnorm",), ("optim=gradvac",),
+                                    ("weighting=uw", "optim=pcgrad", "trainer.accumulate=2")], ids=" ".join)
 def test_two_ranks_equal_one_process(method, tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(*EXACT, *method, f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
     proc = torchrun(*EXACT, *method, f"hydra.run.dir={two}", cwd=tmp_path, data=data_dir)
     assert proc.stdout.count("run directory:") == 1, "only rank 0 reports"
     log = (two / "train.log").read_text()
-    assert log.count("eval at step 4") == 1 and log.count("training sst+para+sts") == 1, "rank 0 logs, once"
+    assert log.count("validation at step 4") == 1 and log.count("training sst+para+sts") == 1, "rank 0 logs, once"
     a = load_checkpoint(one / "checkpoints" / "last.pt")
     b = load_checkpoint(two / "checkpoints" / "last.pt")
     assert a["loop"]["step"] == b["loop"]["step"] == 4

@@ -227,7 +227,8 @@ def test_update_change_against_the_plain_sum_by_hand():
     losses = {"a": p @ torch.tensor([1.0, 0.0], dtype=torch.float64),
               "b": p @ torch.tensor([-1.0, 1.0], dtype=torch.float64)}
     method = PCGrad()
-    grads = TaskGradients(losses, [p], method.storage(2, [p]))
+    grads = TaskGradients(list(losses), [p], method.storage(2, [p]))
+    grads.add(losses)
     combined, projections = method.combine(grads)
     update = grads.diagnostics(combined, projections)["update"]
     assert update["change"] == pytest.approx(0.5 ** 0.5)

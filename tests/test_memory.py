@@ -38,3 +38,21 @@ def test_gradient_checkpointing_changes_no_update(method, tmp_path):
     assert sum(not torch.equal(a[k], start[k]) for k in a) > 10, "the weights moved"
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("optim=upgrad",), ("weighting=uw",),
+                                    ("weighting=gradnorm",), ("weighting=famo", "optim=pcgrad")], ids=" ".join)
+def test_accumulated_micro_batches_make_the_whole_batch_update(method, tmp_path):
+    """Batches of 6 in 3 micro-batches of 2 make the update of batches of 6, for a method that
+    sums, one that projects, an aggregator, a weighting with learnt weights, GradNorm (the
+    task gradients' norms on W, of the whole batch) and FAMO (its update from the whole
+    batch's losses): each task's gradient is accumulated apart before it is combined."""
+    common = ("trainer.max_steps=5", "data.batch_size=6", "model.pair_encoding.para=siamese", *method)
+    whole, a = trained(tmp_path, "whole", *common)
+    micro, b = trained(tmp_path, "micro", *common, "trainer.accumulate=3")
+    assert a["examples_seen"] == b["examples_seen"] and b["steps"] == 5
+    x, y = whole.setup.model.state_dict(), micro.setup.model.state_dict()
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6, msg=k)
+    if whole.setup.weighting.reweights:
+        torch.testing.assert_close(micro.setup.weighting.applied, whole.setup.weighting.applied, rtol=1e-4, atol=1e-6)

@@ -34,9 +34,10 @@ def final_model(run_dir: Path) -> dict:
                                    ("sampler=annealed", "trainer.evals_per_epoch=2"),
                                    ("weighting=famo", "optim=nash_mtl"),  # a scalarizer, an aggregator
                                    ("weighting=gradnorm", "optim=gradvac"),
-                                   # fp16: overflows skip steps early, then the scale grows every 3 steps
+                                   # fp16: overflows skip steps early, then the scale grows every 3 steps;
+                                   # each step in 2 micro-batches
                                    ("trainer.precision=fp16", "optim=pcgrad", "trainer.grad_scaler.init_scale=1e9",
-                                    "trainer.grad_scaler.growth_interval=3")])
+                                    "trainer.grad_scaler.growth_interval=3", "trainer.accumulate=2")])
 def test_sigterm_then_resume_matches_uninterrupted_run(extra, tmp_path, data_dir):
     whole = tmp_path / "whole"
     run_train(*RUN, *extra, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)
