@@ -46,6 +46,16 @@ def setup(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def launch_command() -> str:
+    """How to start this run again with as many processes (a resume needs as many)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return "python train.py"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    nodes = f"--nnodes={world // local} " if world > local else ""
+    return f"torchrun {nodes}--nproc_per_node={local} train.py"
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 

@@ -125,7 +125,8 @@ class WandbLogger:
                         "later with `wandb sync`", str(e).splitlines()[0])
             wandb.teardown()  # the failed start still holds the run id in wandb's service
             self.run = wandb.init(mode="offline", settings=wandb.Settings(quiet=self.quiet), **init)
-        self.run.define_metric("eval/dev/*", summary="max")
+        for split in ("validation", "dev"):  # the split that chooses the checkpoint: its best
+            self.run.define_metric(f"eval/{split}/*", summary="max")
 
     def run_id(self) -> str:
         """The job's W&B run id, made at its first start and read back when it resumes."""

@@ -233,14 +233,20 @@ class Trainer:
                 if due["stop"]:
                     stop.after_save()
                     raise Interrupted(f"stopped by {stop.received or 'another rank'} at step {self.step}; "
-                                      f"resume with: python train.py resume={self.run.path}", self.results())
+                                      f"resume with: {distributed.launch_command()} resume={self.run.path}",
+                                      self.results())
                 if done:
                     break
             if self.last_eval != self.step:  # a signal now waits for the final save
                 self.evaluate(last=True)
             self.elapsed = clock.elapsed()
             self.save_last()
-            self.report_dev()
+            if distributed.agree(stop=stop.received is not None)["stop"]:  # the dev report is left to a resume
+                stop.after_save()
+                raise Interrupted(f"stopped by {stop.received or 'another rank'} after the last step, before the dev "
+                                  f"report; resume with: {distributed.launch_command()} resume={self.run.path}",
+                                  self.results())
+        self.report_dev()  # a signal here stops at once (run.py's handler): last.pt holds the whole run
         if self.grad_every:
             plot_grad_conflict(self.run.path)
             conflict_summary(self.run.path)

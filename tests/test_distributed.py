@@ -189,6 +189,7 @@ def test_skewed_ranks_stopped_and_resumed_end_bit_identical(tmp_path, data_dir):
         time.sleep(0.01)
     out, err = proc.communicate(timeout=180)
     assert read_results(stopped)["status"] == "interrupted", out[-2000:] + err[-2000:]
+    assert f"resume with: torchrun --nproc_per_node=2 train.py resume={stopped}" in err, "the command that works"
     assert 30 <= load_checkpoint(stopped / "checkpoints" / "last.pt")["loop"]["step"] < 70
     skewed(f"resume={stopped}", cwd=tmp_path, data=data_dir)
     a = load_checkpoint(whole / "checkpoints" / "last.pt")

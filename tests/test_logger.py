@@ -138,12 +138,14 @@ def test_offline_run_has_config_history_summary_and_files(wandb_env, data_dir, m
     assert train_rows and {"train/loss/para", "train/loss/sts", "train/lr/encoder", "train/lr/head_sts",
                            "train/examples_seen/sst", "train/sentences_per_s",
                            "train/step_seconds"} <= set(train_rows[-1])
-    evals = [row for row in history if "eval/dev/mean" in row]
-    assert len(evals) == 2
+    evals = [row for row in history if "eval/validation/mean" in row]
+    assert len(evals) == 2 and not any("eval/dev/mean" in row for row in history), "dev only reports"
+    report = [row for row in history if "dev/dev/mean" in row]
+    assert len(report) == 1 and report[0]["dev/dev/mean"] == results["dev"]["mean"]
     assert any("grad/cos/sst|para" in row and "grad/norm/sts" in row for row in history)
 
     summary = run["summary"]
-    assert summary["eval/dev/mean"] == {"max": max(row["eval/dev/mean"] for row in evals)}
+    assert summary["eval/validation/mean"] == {"max": max(row["eval/validation/mean"] for row in evals)}
     assert summary["results"] == results
     assert summary["results_table"]["_type"] == "table-file"
     assert run["exit_code"] == 0
