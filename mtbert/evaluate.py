@@ -12,6 +12,7 @@ from mtbert.batching import Encoded, eval_batches
 from mtbert.data import Task
 from mtbert.device import autocast
 from mtbert.losses import Objective
+from mtbert.meters import Progress
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +21,22 @@ PAPER_METRICS = ("sst_acc", "para_acc", "sts_pearson")
 
 @torch.inference_mode()
 def predict(model, task: Task, objective: Objective, enc: Encoded, device, precision: str,
-            max_tokens: int = 16384, output=None) -> torch.Tensor:
+            max_tokens: int = 16384, output=None, label: str = "predicting",
+            log_every: float | None = 20.0) -> torch.Tensor:
     """Predictions for every example of `enc`, in file order (batches run in length order);
-    `output` (default `objective.predict`) turns the head's output into them."""
+    `output` (default `objective.predict`) turns the head's output into them. A progress
+    line every `log_every` seconds (`label`, the task, examples done, ETA)."""
     output = output or objective.predict
     was_training = model.training
     model.eval()
     predictions, order = [], []
+    progress = Progress(f"{label} {task.name}", float(enc.offsets[-1]), len(enc), log_every, log)  # in tokens
     for batch in eval_batches(enc, max_tokens):
         with autocast(device, precision):
             head = model(task.name, batch.to(device))
         predictions.append(output(head, task).float())
         order.append(batch.index)
+        progress.advance(float(batch.attention_mask.sum()), len(batch.index))  # the host's copy: no device sync
     model.train(was_training)
     predictions = torch.cat(predictions).cpu()  # the one wait for the device
     out = torch.empty(len(enc), *predictions.shape[1:])
@@ -73,10 +78,10 @@ def selection_score(metrics: dict[str, float | None]) -> float:
 
 
 def evaluate(model, dev: dict[str, tuple[Task, Encoded]], objectives: dict[str, Objective],
-             device, precision: str) -> dict[str, float | None]:
+             device, precision: str, label: str = "evaluating", log_every: float | None = 20.0) -> dict[str, float | None]:
     metrics = {}
     for name, (task, enc) in dev.items():
-        predictions = predict(model, task, objectives[name], enc, device, precision)
+        predictions = predict(model, task, objectives[name], enc, device, precision, label=label, log_every=log_every)
         metrics[task.metric_key] = score(task, predictions, enc.labels)
     return summarize(metrics)
 

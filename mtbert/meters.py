@@ -57,6 +57,27 @@ class Clock:
         return (time.perf_counter() - self.start) / max(step - self.first_step, 1)
 
 
+class Progress:
+    """A log line at most every `seconds` through long work (an evaluation, predictions),
+    with an ETA from the share of its tokens done, so no stretch of a run is silent."""
+
+    def __init__(self, what: str, total: float, unit_total: int, seconds: float | None, log=None):
+        self.what, self.total, self.unit_total, self.seconds = what, max(total, 1), unit_total, seconds
+        self.log, self.start = log, time.perf_counter()
+        self.last, self.done, self.units = self.start, 0.0, 0
+
+    def advance(self, amount: float, units: int):
+        self.done += amount
+        self.units += units
+        now = time.perf_counter()
+        if self.seconds is None or self.log is None or now - self.last < self.seconds or self.units >= self.unit_total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        self.log.info("%s: %d/%d examples | elapsed %s | ETA %s", self.what, self.units, self.unit_total,
+                      duration(elapsed), duration(elapsed * (self.total - self.done) / max(self.done, 1e-9)))
+
+
 def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"

@@ -114,6 +114,13 @@ class RunDir:
     def write_results(self, results: dict):
         write_json(self.path / "results.json", results_record(**results))
 
+    def update_results(self, fields: dict):
+        """results.json's fields a running run has reached (the best evaluation so far, steps,
+        seconds), over the record it started with; the status stays `running`."""
+        path = self.path / "results.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        self.write_results({**record, **fields, "status": "running"})
+
     def write_rejected(self, rejected):
         """`rejected_rows.tsv`, when any data row was skipped."""
         if rejected.rows:
@@ -149,6 +156,9 @@ class ReadOnlyRunDir(RunDir):
         pass
 
     def write_results(self, results: dict):
+        pass
+
+    def update_results(self, fields: dict):
         pass
 
     def rewind(self, step: int):

@@ -76,6 +76,7 @@ class Trainer:
         self.sentences = 0
         self.best = {"score": -math.inf, "metrics": None, "epoch": None, "step": None}
         self.last_eval = None
+        self.eval_seconds = None  # how long the last evaluation took (for the ETA)
         self.latest = None  # the last evaluation's metrics
         self.dev, self.dev_last = None, None  # the dev scores of the chosen and the last checkpoint
         self.elapsed = 0.0  # training seconds, those before a resume included
@@ -319,7 +320,7 @@ class Trainer:
         self.run.event("train", self.step, epoch=self.epoch, loss=train_loss, lr=lr,
                        examples_seen=dict(self.seen), sentences_per_s=rate,
                        step_seconds=step_seconds, overflow_steps=self.overflows)
-        eta = step_seconds * (self.total_steps - self.step)
+        eta = step_seconds * (self.total_steps - self.step) + self.evaluations_left()
         log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
                  self.epoch, math.ceil(self.total_steps / self.steps_per_epoch), self.step, self.total_steps,
                  " ".join(f"{t} {v:.3f}" for t, v in train_loss.items())
@@ -330,12 +331,27 @@ class Trainer:
         return "the held-out validation rows (data.validation)" if self.selected_on == "validation" \
             else "the dev sets (data.validation=null)"
 
-    def scores(self, split: dict) -> dict:
+    def scores(self, split: dict, label: str) -> dict:
         """Metrics on `split` (task -> (task, encoded rows)), computed by rank 0 for all: the
         ranks hold the same model."""
         s = self.setup
         return distributed.broadcast_object(
-            evaluate(s.model, split, s.objectives, s.device, s.precision) if distributed.rank() == 0 else None)
+            evaluate(s.model, split, s.objectives, s.device, s.precision, label=f"evaluating {label}",
+                     log_every=self.tcfg.log_every_seconds) if distributed.rank() == 0 else None)
+
+    def evaluations_left(self) -> float:
+        """Seconds the evaluations still to come will take, from the last one's time: those
+        of the loop, and the dev report at the end (the dev sets' size over the held-out
+        rows', twice). Unknown before the first evaluation: 0."""
+        if self.eval_seconds is None:
+            return 0.0
+        due = self.eval_every_steps or self.eval_every
+        points = math.ceil((self.total_steps - self.step) / due)
+        report = 0.0
+        if self.selected_on == "validation":
+            size = lambda split: sum(len(enc) for _, enc in split.values())  # noqa: E731
+            report = 2 * self.eval_seconds * size(self.setup.dev) / size(self.setup.validation)
+        return points * self.eval_seconds + report
 
     def evaluate(self, last: bool = False) -> bool:
         """Evaluate on the split that chooses the checkpoint (the held-out rows, or dev with
@@ -346,15 +362,17 @@ class Trainer:
         self.nonfinite.check()
         self.last_eval = self.step
         t0 = time.perf_counter()
-        metrics = self.latest = self.scores(s.validation or s.dev)
+        metrics = self.latest = self.scores(s.validation or s.dev, self.selected_on)
+        self.eval_seconds = time.perf_counter() - t0
         self.run.event("eval", self.step, epoch=self.epoch, **{self.selected_on: metrics},
-                       examples_seen=dict(self.seen), eval_seconds=time.perf_counter() - t0)
+                       examples_seen=dict(self.seen), eval_seconds=self.eval_seconds)
         log.info("%s at step %d (epoch %d): %s", self.selected_on, self.step, self.epoch, format_metrics(metrics))
         s.sampler.observe({t: metrics[s.tasks[t].metric_key] for t in s.train_tasks})
         score = selection_score(metrics)
         if score > self.best["score"]:
             self.best = {"score": score, "metrics": metrics, "epoch": self.epoch, "step": self.step}
             self.run.save_model(s.model, "best", {"epoch": self.epoch, "step": self.step, self.selected_on: metrics})
+        self.run.update_results(self.results())  # the best so far, while the run is still running
         return bool(self.on_eval and not last and self.on_eval(self.step, metrics))
 
     def report_dev(self):
@@ -363,13 +381,13 @@ class Trainer:
         if self.selected_on == "dev":
             return
         s = self.setup
-        self.dev_last = self.scores(s.dev)
+        self.dev_last = self.scores(s.dev, "dev (last checkpoint)")
         if self.best["step"] == self.step:
             self.dev = self.dev_last
         else:
             if distributed.rank() == 0:
                 load_model_weights(s.model, self.run.checkpoints / "best.safetensors")
-            self.dev = self.scores(s.dev)
+            self.dev = self.scores(s.dev, "dev (chosen checkpoint)")
         self.run.event("dev", self.step, best_step=self.best["step"], dev=self.dev, dev_last=self.dev_last)
         log.info("dev at the chosen step %d: %s", self.best["step"], format_metrics(self.dev))
         log.info("dev at the last step %d: %s", self.step, format_metrics(self.dev_last))

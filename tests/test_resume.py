@@ -160,7 +160,7 @@ def test_best_evaluation_counts_an_undefined_pearson_as_zero(tmp_path, data_dir,
     dev = iter([{"sst_acc": 0.5, "para_acc": 0.6, "sts_pearson": None, "mean": None, "overall": None},
                 {"sst_acc": 0.45, "para_acc": 0.55, "sts_pearson": 0.5, "mean": 0.5, "overall": 0.583},
                 {"sst_acc": 0.4, "para_acc": 0.5, "sts_pearson": 0.4, "mean": 0.433, "overall": 0.533}])  # dev
-    monkeypatch.setattr("mtbert.trainer.evaluate", lambda *args: next(dev))
+    monkeypatch.setattr("mtbert.trainer.evaluate", lambda *args, **kwargs: next(dev))
     results = t.fit()
     assert results["best_epoch"] == 2 and results["validation"]["sts_pearson"] == 0.5
     assert results["dev"] == results["dev_last"] and results["dev"]["sts_pearson"] == 0.4

@@ -80,10 +80,10 @@ def test_selection_reads_dev_only_to_report(tmp_path, data_dir, monkeypatch):
     calls = []
     real = mtbert.trainer.evaluate
 
-    def counting(model, split, *args):
+    def counting(model, split, *args, **kwargs):
         calls.append("dev" if split is trainer.setup.dev else "validation" if split is trainer.setup.validation
                      else "other")
-        return real(model, split, *args)
+        return real(model, split, *args, **kwargs)
 
     monkeypatch.setattr(mtbert.trainer, "evaluate", counting)
     trainer.on_eval = lambda step, metrics: calls.append(f"asked at {step}")
