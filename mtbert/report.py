@@ -24,6 +24,7 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from omegaconf import OmegaConf
 from mtbert import claims as claims_module
 from mtbert import stats
 from mtbert.evaluate import PAPER_METRICS
-from mtbert.rundir import read_events
+from mtbert.rundir import process_alive, read_events
 
 LABELS = {"sst_acc": "SST acc", "para_acc": "Quora acc", "sts_pearson": "STS r", "mean": "mean"}
 
@@ -156,6 +157,19 @@ def label(key: str) -> str:
     return LABELS.get(key, key)
 
 
+def running_note(process: dict | None) -> str:
+    """A `running` run: live, dead (killed without a record: rerun the sweep to resume it), or
+    on another host, with its last sign of life."""
+    alive = process_alive(process)
+    if alive is False:
+        return f"running, but its process (pid {process['pid']}) is gone: killed; rerun its sweep to resume it"
+    if alive:
+        return f"running (pid {process['pid']})"
+    if process:
+        return f"running on {process['host']} (last update {datetime.fromtimestamp(process['updated']):%Y-%m-%d %H:%M})"
+    return "running (no process recorded: an older run, or killed)"
+
+
 def single_task(group: list[Job]) -> str | None:
     """The task a single-task baseline row trains alone, else None. The paper's milestone
     row trains SST alone too, but at the starter's rates: a row of Table 1, no baseline."""
@@ -180,7 +194,9 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
         done = {}
         notes = []
         for j in group:
-            if j.status != "completed":
+            if j.status == "running":
+                notes.append(f"seed {j.seed} {running_note(j.results.get('process'))}")
+            elif j.status != "completed":
                 notes.append(f"seed {j.seed} {j.status}"
                              + (f": {one_line(j.results['error'])}" if j.results.get("error") else ""))
             elif j.seed in done:

@@ -64,6 +64,21 @@ def stop_outside_training(signum, frame):
                       "(during setup or the last writes)")
 
 
+def check_not_running(previous: dict, output_dir: str):
+    """A run whose results.json says `running`: refused while its process lives (two
+    processes would train one run), else continued, saying that the earlier one died."""
+    from mtbert.rundir import process_alive
+
+    process = previous.get("process") or {}
+    if process_alive(process):
+        sys.exit(f"error: {output_dir} is being trained now by process {process['pid']} on this host "
+                 "(its results.json says running): wait for it to end, or stop it first")
+    last = Path(output_dir) / "checkpoints" / "last.pt"
+    log.warning("%s says running, but its process (%s) is gone: it was killed without a record; %s",
+                output_dir, f"pid {process['pid']} on {process['host']}" if process else "not recorded",
+                "continuing from its last checkpoint" if last.exists() else "training it from the start")
+
+
 def quiet_rank():
     """Ranks other than 0 log warnings only, and never into rank 0's train.log."""
     root = logging.getLogger()
@@ -88,7 +103,7 @@ def main(cfg: DictConfig) -> dict:
     from mtbert.evaluate import format_table
     from mtbert.guards import Interrupted
     from mtbert.logger import Job, NoLogger
-    from mtbert.rundir import ReadOnlyRunDir, RunDir, results_record
+    from mtbert.rundir import ReadOnlyRunDir, RunDir, results_record, this_process
     from mtbert.trainer import train
 
     experiment = hydra.runtime.choices.get("experiment")
@@ -102,6 +117,8 @@ def main(cfg: DictConfig) -> dict:
                  "train it again", output_dir)
         print(format_table(previous["dev"]))
         return previous
+    if previous and previous["status"] == "running":
+        check_not_running(previous, output_dir)
     if not cfg.resume:
         previous = None
     if cfg.resume:
@@ -109,7 +126,7 @@ def main(cfg: DictConfig) -> dict:
             cfg, experiment = resumed_config(cfg, hydra)
         except ConfigError as e:
             refuse(e)
-    results = results_record(experiment=experiment, seed=cfg.seed)
+    results = results_record(experiment=experiment, seed=cfg.seed, process=this_process())
     logger, run = NoLogger(), None
     start = time.perf_counter()
     try:

@@ -11,6 +11,8 @@ import json
 import logging
 import math
 import os
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -57,7 +59,27 @@ def atomic(path: Path):
 RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "dev_last": None,
            "validation": None, "selected_on": None, "best_epoch": None,
            "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "overflow_steps": 0, "train_seconds": 0.0,
-           "device": None, "precision": None, "provenance": None, "data": {}, "tokenizer": None, "error": None}
+           "device": None, "precision": None, "provenance": None, "data": {}, "tokenizer": None,
+           "process": None, "error": None}
+
+
+def this_process() -> dict:
+    """Who is training a run: what tells a live `running` record from one whose process died."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "updated": time.time()}
+
+
+def process_alive(process: dict | None) -> bool | None:
+    """Whether the process a `running` record names still runs: known on its own host only
+    (None elsewhere, or for a record that names none)."""
+    if not process or process.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(process["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def results_record(**fields) -> dict:
@@ -119,7 +141,7 @@ class RunDir:
         seconds), over the record it started with; the status stays `running`."""
         path = self.path / "results.json"
         record = json.loads(path.read_text()) if path.is_file() else {}
-        self.write_results({**record, **fields, "status": "running"})
+        self.write_results({**record, **fields, "status": "running", "process": this_process()})
 
     def write_rejected(self, rejected):
         """`rejected_rows.tsv`, when any data row was skipped."""

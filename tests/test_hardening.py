@@ -291,3 +291,40 @@ def test_rejected_rows_are_written_with_lf_line_endings(tmp_path):
     data = (tmp_path / "rejected_rows.tsv").read_bytes()
     assert b"\r" not in data and data.count(b"\n") == 2
 
+
+
+# A run killed outright keeps `status: running`: its process tells a dead run from a live one.
+
+def test_a_running_record_names_its_process_and_a_dead_one_is_continued(tmp_path, data_dir):
+    import json
+    from mtbert.report import running_note
+    run = tmp_path / "run"
+    smoke = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null", f"hydra.run.dir={run}")
+    run_train(*smoke, cwd=tmp_path, data=data_dir)
+    record = read_results(run)
+    assert record["process"]["pid"] > 0 and record["process"]["host"]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    record.update(status="running", process={**record["process"], "pid": dead.pid})
+    (run / "results.json").write_text(json.dumps(record))
+    assert "is gone: killed; rerun its sweep to resume it" in running_note(record["process"])
+    proc = run_train(*smoke, cwd=tmp_path, data=data_dir)
+    said = proc.stdout + proc.stderr
+    assert f"its process (pid {dead.pid} on " in said and "continuing from its last checkpoint" in said
+    assert read_results(run)["status"] == "completed"
+
+
+def test_a_run_whose_process_lives_is_not_trained_twice(tmp_path, data_dir):
+    import json
+    from mtbert.rundir import this_process
+    run = tmp_path / "run"
+    run.mkdir()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "results.json").write_text(json.dumps({"status": "running", "process": {**this_process(), "pid": live.pid}}))
+        proc = run_train("model=tiny", "budget=smoke", "logger=none", f"hydra.run.dir={run}", cwd=tmp_path,
+                         data=data_dir, check=False)
+    finally:
+        live.kill()
+    assert proc.returncode == 1 and f"is being trained now by process {live.pid}" in proc.stderr
+    assert json.loads((run / "results.json").read_text())["status"] == "running", "left as it was"
