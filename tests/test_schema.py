@@ -1,5 +1,6 @@
 """A key no file of conf/ declares stops the command, naming it and the nearest declared
-keys, before torch loads; the documented extension points stay open (issue 36)."""
+keys, before torch loads, and so does a key that only an option the run did not choose
+declares; the documented extension points stay open (issue 36)."""
 
 import os
 import re
@@ -11,7 +12,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from conftest import ROOT, compose_config
-from mtbert.schema import UnknownKeyError, check_keys, declared_keys
+from mtbert.schema import UnknownKeyError, check_keys, compose, declared_keys
 
 CONF = ROOT / "conf"
 CHOICES = [f"{group.name}={option.stem}" for group in sorted(CONF.iterdir()) if group.is_dir() and group.name != "hydra"
@@ -20,7 +21,8 @@ HEAVY = ("torch", "transformers", "wandb", "scipy", "optuna")
 
 
 def check(*overrides: str):
-    check_keys(compose_config(*overrides), overrides)
+    """As train.py checks: against the options the overrides choose (Hydra's choices)."""
+    compose(overrides)
 
 
 @pytest.mark.parametrize("choice", CHOICES)
@@ -96,12 +98,83 @@ NEW_TASK = ("+data.tasks.cfimdb={files: {train: ids-cfimdb-train.csv, dev: ids-c
     ("hpo=paper_rates", "+hpo.space.model.dropout={low: 0.0, high: 0.5}", "+hpo.pruner.n_min_trials=2"),
     ("+optim.optimizer.amsgrad=true", "optim=mgda", "+optim.gradient.aggregator.norm_eps=1e-4"),  # torch/torchjd arguments
     ("weighting=stch", "+weighting.scalarizer.foo=1"),  # torchjd's STCH refuses what it does not take, when built
+    ("loss=baseline", NEW_TASK, "+loss.objectives.cfimdb={_target_: mtbert.losses.CosineEmbedding, margin: 0.5}"),
     ("loss=baseline", "loss.objectives.sst.class_weights=[1,2,1,2,1]"),
     ("budget=smoke", "data.limit.train={sst: 8}"),
     ("hydra.job.chdir=false", "+hydra.job.env_set.FOO=1"),
 ])
 def test_the_extension_points_stay_open(overrides):
     check(*overrides)
+
+
+# (overrides, the message): a key another option of the group declares, the chosen one not
+OTHER_OPTIONS = [
+    (("sampler=rr_under", "+sampler.sigma=3"),
+     "sampler.sigma (from +sampler.sigma=3) is a key of sampler=rr_over, not of the chosen sampler=rr_under"),
+    (("weighting=equal", "+weighting.lr=1e-3"),  # Equal would take lr and ignore it
+     "weighting.lr (from +weighting.lr=1e-3) is a key of weighting=gradnorm, imtl_l or uw, "
+     "not of the chosen weighting=equal"),
+    (("+sampler.targets={sst: 0.5}",),
+     "sampler.targets (from +sampler.targets={sst: 0.5}) is a key of sampler=adaptive, "
+     "not of the chosen sampler=rr_over"),
+    (("optim=pcgrad", "+optim.gradient.aggregator={_target_: torchjd.aggregation.MGDA}"),
+     "optim.gradient.aggregator (from +optim.gradient.aggregator=...) is a key of optim=aligned_mtl, cagrad, config, "
+     "dualproj, fairgrad, graddrop, gradvac, imtl_g, mgda, nash_mtl or upgrad, not of the chosen optim=pcgrad"),
+    (("+hpo.space.model.dropout={low: 0.0, high: 0.5}",),
+     "hpo (from +hpo.space.model.dropout={low: 0.0, high: 0.5}) is a key of hpo=paper_rates or schedule, "
+     "not of the chosen hpo=null"),
+]
+
+
+@pytest.mark.parametrize("overrides, text", OTHER_OPTIONS, ids=[" ".join(o) for o, _ in OTHER_OPTIONS])
+def test_a_key_of_another_option_is_refused_naming_the_chosen_one(overrides, text):
+    with pytest.raises(UnknownKeyError) as e:
+        check(*overrides)
+    assert str(e.value) == text
+    check_keys(compose_config(*overrides), overrides, choices=None)  # a caller without Hydra's choices: any option's
+
+
+def test_both_kinds_in_one_message():
+    with pytest.raises(UnknownKeyError) as e:
+        check("sampler=rr_under", "+sampler.sigma=3", "+trainer.max_step=10")
+    assert re.fullmatch(r"unknown config key trainer.max_step \(.*\): no file of conf/ declares it \(.*\); "
+                        r"sampler.sigma \(from \+sampler.sigma=3\) is a key of sampler=rr_over, not of the chosen "
+                        r"sampler=rr_under", str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize("overrides", [
+    ("experiment=rro_hp_cs", "optim.lr.heads.sst=1e-3", "schedule.phases.1.length=10"),  # its keys and its choices'
+    ("experiment=rro_hp_cs_gs", "optim.gradient.reduction=mean"),  # an experiment taking in another: pcgrad's keys
+    ("experiment=rr_over", "sampler.sigma=3"),  # the sampler the experiment chose
+    ("experiment=milestone_baseline", "sampler.tasks=[sst]"),
+    ("budget=paper", "model.dropout=0.2"),
+    ("model=tiny", "model.dropout=0.2", "model.pooling=cls", "model.pair_encoding.para=siamese"),  # minilm's, taken in
+    ("loss=cosine", "loss.weights.sst=2", "loss.objectives.sst.class_weights=[1,2,1,2,1]"),  # baseline's, taken in
+    ("optim=mgda", "optim.lr.encoder=1e-5", "optim.optimizer.weight_decay=0.01"),  # adam's, taken in
+])
+def test_the_chosen_options_declare_their_keys(overrides):
+    check(*overrides)
+
+
+def test_a_selected_global_file_and_a_defaults_chain_declare_their_keys(tmp_path):
+    """A key that only a `# @package _global_` option sets is declared where that option is
+    chosen; an option's defaults list declares the keys of the configs it takes in."""
+    conf = tmp_path / "conf"
+    for folder in ("fruit", "budget"):
+        (conf / folder).mkdir(parents=True)
+    (conf / "train.yaml").write_text("defaults:\n  - _self_\n  - fruit: apple\n  - budget: null\nseed: 0\n")
+    (conf / "fruit" / "apple.yaml").write_text("colour: red\n")
+    (conf / "fruit" / "pear.yaml").write_text("size: 2\n")
+    (conf / "fruit" / "crab.yaml").write_text("defaults:\n  - apple\n  - _self_\nsour: true\n")
+    (conf / "budget" / "big.yaml").write_text("# @package _global_\nfruit:\n  size: 3\n")
+    assert compose(["budget=big"], conf).fruit == {"colour": "red", "size": 3}
+    assert compose(["fruit=crab", "fruit.colour=green"], conf).fruit == {"colour": "green", "sour": True}
+    with pytest.raises(UnknownKeyError, match=r"^fruit.size \(from \+fruit.size=3\) is a key of budget=big or "
+                                              r"fruit=pear, not of the chosen budget=null or fruit=apple$"):
+        compose(["+fruit.size=3"], conf)
+    with pytest.raises(UnknownKeyError, match=r"^fruit.colour \(from \+fruit.colour=red\) is a key of fruit=apple or "
+                                              r"crab, not of the chosen fruit=pear$"):
+        compose(["fruit=pear", "+fruit.colour=red"], conf)
 
 
 def test_a_new_tasks_entry_is_held_to_a_tasks_fields():
@@ -178,6 +251,22 @@ def test_train_py_refuses_before_torch_loads(args, tmp_path):
     assert not (tmp_path / "outputs").exists()  # nor a run directory (a swept key's first job has one)
 
 
+@pytest.mark.parametrize("args", [
+    ("sampler=rr_under", "+sampler.sigma=3"),
+    ("-m", "sampler=rr_over,rr_under", "+sampler.sigma=3"),  # each combination of swept groups, before the sweep
+    ("-m", "sampler=rr_under", "+sampler.sigma=3,4"),  # a swept key: the job refuses (run.main, the job's choices)
+], ids=" ".join)
+def test_train_py_refuses_a_key_of_another_option_before_torch_loads(args, tmp_path):
+    proc = run(*args, cwd=tmp_path)
+    lines = message(proc.stderr)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert lines == ["error: sampler.sigma (from +sampler.sigma=3) is a key of sampler=rr_over, not of the chosen "
+                     "sampler=rr_under"], lines
+    assert not imported(proc.stderr) & set(HEAVY)
+    assert not (tmp_path / "outputs").exists()
+    assert not (tmp_path / "multirun").exists() or "," in args[-1]  # a swept key's job has its directory
+
+
 def test_help_and_hydras_own_errors_load_nothing_heavy(tmp_path):
     proc = run("--help", cwd=tmp_path)
     assert proc.returncode == 0 and "experiment: milestone_baseline" in proc.stdout
@@ -185,3 +274,16 @@ def test_help_and_hydras_own_errors_load_nothing_heavy(tmp_path):
     proc = run("sampler=rr_ovr", cwd=tmp_path)  # Hydra's own message, several lines
     assert proc.returncode == 1 and "Could not find 'sampler/rr_ovr'" in proc.stderr
     assert not imported(proc.stderr) & set(HEAVY)
+
+
+def test_the_benches_check_the_configs_they_compose(tmp_path, monkeypatch):
+    from mtbert.bench import load, speed
+
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(tmp_path / "none"))
+    expected = "error: " + OTHER_OPTIONS[0][1]
+    with pytest.raises(SystemExit) as e:  # before any worker starts
+        load.main(["--model", "tiny", "--override", "sampler=rr_under", "--override", "+sampler.sigma=3"])
+    assert str(e.value) == expected
+    with pytest.raises(SystemExit) as e:  # before any model is built (the data folder is missing)
+        speed.main(["--model", "tiny", "--device", "cpu", "--variant", "sampler=rr_under +sampler.sigma=3"])
+    assert str(e.value) == expected

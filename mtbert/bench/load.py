@@ -24,6 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from hydra.errors import HydraException
+
+from mtbert import schema
 from mtbert.bench import publish
 from mtbert.threads import choose_wait_policy
 
@@ -46,15 +49,11 @@ def worker(args):
     import tempfile
 
     import torch
-    from hydra import compose, initialize_config_dir
-
-    from mtbert.bench.speed import CONF, MtbertStep
+    from mtbert.bench.speed import MtbertStep
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("train", [f"model={args.model}", "logger=none", f"trainer.precision={args.precision}",
-                                f"data.batch_size={args.batch_size}", *args.override])
+    cfg = schema.compose(overrides(args))
     with tempfile.TemporaryDirectory(prefix="mtbert-load-") as tmp:
         step = MtbertStep(cfg, Path(tmp) / "run")
         batches = [step.trainer.next_batches(step.tasks) for _ in range(args.steps)]
@@ -65,6 +64,11 @@ def worker(args):
             for b in batches:
                 step.trainer.training_step(b)
             print(PREFIX + json.dumps(time.perf_counter() - start), flush=True)
+
+
+def overrides(args) -> list[str]:
+    return [f"model={args.model}", "logger=none", f"trainer.precision={args.precision}",
+            f"data.batch_size={args.batch_size}", *args.override]
 
 
 class Worker:
@@ -191,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
     args.argv = sys.argv[1:] if argv is None else argv
+    try:  # a bad option or key stops the bench before any worker starts (mtbert.schema, as train.py)
+        schema.compose(overrides(args))
+    except (HydraException, schema.UnknownKeyError) as e:
+        sys.exit(f"error: {e}")
     result = run(args)
     publish(result, markdown(result), args.out)
     return result

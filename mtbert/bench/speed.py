@@ -45,11 +45,11 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 
 from mtbert.batching import Batch
+from mtbert import schema
 from mtbert.bench import publish
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
@@ -284,10 +284,11 @@ def run(args) -> dict:
     base = [f"model={args.model}", f"data.batch_size={args.batch_size}", f"trainer.device={device.type}",
             "logger=none", *(["trainer.compile=true"] if args.compile else []), *args.override]
 
-    def config(*overrides):
-        with initialize_config_dir(str(CONF), version_base="1.3"):
-            return compose("train", overrides=[*base, f"trainer.precision={precision}", *overrides])
+    def config(*overrides):  # its keys checked against the options chosen, as train.py does (mtbert.schema)
+        return schema.compose([*base, f"trainer.precision={precision}", *overrides], CONF)
 
+    for override in args.variant:  # a variant's bad key stops the bench before any model is built
+        config("optim=adam", *override.split())
     variants = {}  # name -> Timing, in the order they run within a round
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
         adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.argv = sys.argv[1:] if argv is None else argv
     try:
         result = run(args)
-    except (HydraException, *USER_ERRORS) as e:  # a bad option, key or data folder
+    except (HydraException, schema.UnknownKeyError, *USER_ERRORS) as e:  # a bad option, key or data folder
         sys.exit(f"error: {e}")
     publish(result, markdown(result), args.out)
     return result
