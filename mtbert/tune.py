@@ -28,12 +28,12 @@ import warnings
 from pathlib import Path
 
 import optuna
-from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mtbert.schema import UnknownKeyError, check_keys
+from mtbert import schema
+from mtbert.schema import UnknownKeyError
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -45,8 +45,8 @@ class SpaceError(ValueError):
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
-    with initialize_config_dir(str(CONF), version_base="1.3", job_name="tune"):
-        return compose("train", overrides)
+    """The run's config, its keys checked against the options it chose (mtbert.schema)."""
+    return schema.compose(overrides, CONF, job_name="tune")
 
 
 def suggest(trial: optuna.Trial, key: str, spec: dict):
@@ -80,7 +80,7 @@ def check_space(space: dict, base: list[str]):
             value = spec["low"]
         try:
             cfg = compose_config([*base, f"{key}={value}"])
-        except HydraException as e:
+        except (HydraException, UnknownKeyError) as e:
             raise SpaceError(f"{where}: {key} cannot be set in this config ({e})") from None
         if OmegaConf.select(cfg, key) is None and value is not None:
             raise SpaceError(f"{where}: {key} is not a key of the config")
@@ -222,13 +222,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
+    try:  # an unknown option (Hydra's message says which) or a key the chosen options do not declare
         cfg = compose_config(args.overrides)
-    except HydraException as e:  # an unknown option or key: Hydra's message says which
-        sys.exit(f"error: {e}")
-    try:  # a key added with `+` and declared nowhere (mtbert.schema); trials add hpo.space keys only
-        check_keys(cfg, args.overrides)
-    except UnknownKeyError as e:
+    except (HydraException, UnknownKeyError) as e:
         sys.exit(f"error: {e}")
     if cfg.get("hpo") is None:
         sys.exit("error: name a search space, e.g. hpo=paper_rates (conf/hpo/)")
