@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
 
+from mtbert import console_logging
 from mtbert.batching import encode
 from mtbert.data import DataError, RejectedRows, Split, Task, read_split
 from mtbert.evaluate import predict
@@ -171,7 +171,7 @@ def plot_confusion(task: Task, confusion: np.ndarray, path: Path):
         ax.text(p, g, str(n), ha="center", va="center",
                 color="white" if normalised[g, p] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="gold", xticks=range(task.classes), yticks=range(task.classes),
-           title=f"{task.name} dev confusion (colour: share of the gold class)")
+           title=f"{task.name} dev confusion, {confusion.sum():,} examples (colour: share of the gold class)")
     fig.savefig(path, dpi=120)
 
 
@@ -181,7 +181,7 @@ def plot_scatter(task: Task, gold: np.ndarray, pred: np.ndarray, r: float, path:
     ax.scatter(gold, pred, s=6, alpha=0.4)
     low, high = task.score_range
     ax.plot([low, high], [low, high], color="gray", ls="--", lw=1)
-    ax.set(xlabel="gold", ylabel="predicted", title=f"{task.name} dev: Pearson r {r:.3f}")
+    ax.set(xlabel="gold", ylabel="predicted", title=f"{task.name} dev, {len(gold):,} examples: Pearson r {r:.3f}")
     fig.savefig(path, dpi=120)
 
 
@@ -192,7 +192,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=None, help="override the run's data.root")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    console_logging()
     try:
         out = analyze(args.run_dir, args.top, args.device, args.data_root)
     except (FileNotFoundError, DataError, ValueError) as e:

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mtbert import console_logging
 from mtbert.batching import encode
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import resolve_device, resolve_precision
@@ -112,7 +113,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-root", default=None, help="override the run's data.root")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    console_logging()
     try:
         write_predictions(args.run_dir, args.splits, args.out, args.device, args.data_root)
     except (FileNotFoundError, ValueError) as e:

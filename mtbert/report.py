@@ -525,7 +525,8 @@ def plot_bars(rows: list[dict], keys: list[str], path: Path):
                   [max(0.0, r[f"{key}_high"] - v) if r[f"{key}_high"] is not None else 0 for v, r in zip(values, rows)]]
         ax.bar(x, values, yerr=errors, capsize=4, color="tab:blue", label="mtbert (95% CI)")
         paper = [r[f"{key}_paper"] if r[f"{key}_paper"] is not None else math.nan for r in rows]
-        ax.scatter(x, paper, color="tab:red", marker="_", s=400, zorder=3, label="paper")
+        if not all(math.isnan(p) for p in paper):  # a legend entry only where the paper has a number
+            ax.scatter(x, paper, color="tab:red", marker="_", s=400, zorder=3, label="paper")
         ax.set_xticks(list(x), [r["row"] for r in rows], rotation=40, ha="right", fontsize=8)
         ax.set_title(label(key))
     axes[0].legend()

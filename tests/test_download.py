@@ -75,7 +75,7 @@ def test_download_checks_every_file_and_skips_what_is_there(mirror, tmp_path):
     assert sorted(p.name for p in to.iterdir()) == sorted(f for f in FILES if f != "quora-test-student.csv")
 
 
-def test_a_404_a_truncated_transfer_and_bad_rows(mirror, tmp_path):
+def test_a_404_a_truncated_transfer_and_bad_rows(mirror, tmp_path, caplog):
     (mirror / "data" / "sts-dev.csv").unlink()  # a required file the mirror lacks
     sst = mirror / "data" / "ids-sst-dev.csv"
     sst.write_text(sst.read_text() + "60\tffff\tan extra row\t9\n")  # one bad label
@@ -88,6 +88,9 @@ def test_a_404_a_truncated_transfer_and_bad_rows(mirror, tmp_path):
     assert outcomes["ids-sst-dev.csv"].status == "downloaded"
     assert outcomes["ids-sst-dev.csv"].counts == {**outcomes["ids-sst-dev.csv"].counts, "rows": 61, "skipped": 1}
     assert [p.name for p in to.iterdir() if p.name.startswith(".")] == []  # no partial file left
+    warned = [r.getMessage() for r in caplog.records if "skipped 1 bad row" in r.getMessage()]
+    assert warned and warned[0].startswith(f"{to / 'ids-sst-dev.csv'}:"), "named as the file it becomes"
+    assert not any(".partial-" in r.getMessage() for r in caplog.records)
 
 
 def test_the_command_with_a_file_url_and_its_summary(mirror, tmp_path):
@@ -96,6 +99,7 @@ def test_the_command_with_a_file_url_and_its_summary(mirror, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "ids-sst-train.csv          downloaded       60       60        0" in proc.stdout
+    assert "ids-sst-train.csv: 100%" in proc.stderr, "each file's bar is left at its end"
     assert f"ready: python train.py data.root={to}" in proc.stdout
     (mirror / "data" / "sts-train.csv").unlink()
     (to / "sts-train.csv").unlink()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import os
 import urllib.error
 import urllib.request
@@ -51,9 +52,23 @@ def cs224n_files() -> list[tuple[Task, str, str]]:
     return out
 
 
-def check(task: Task, split: str, path: Path) -> dict:
-    """The reader's counts for a file (a DataError if training would refuse it)."""
-    return read_split(task, path, RejectedRows("skip"), labelled=split != "test").counts
+def check(task: Task, split: str, path: Path, shown_as: Path | None = None) -> dict:
+    """The reader's counts for a file (a DataError if training would refuse it); its
+    warnings and errors name `shown_as`, the file a temporary copy becomes."""
+    shown_as = shown_as or path
+
+    def rename(record: logging.LogRecord) -> bool:
+        record.msg, record.args = record.getMessage().replace(str(path), str(shown_as)), ()
+        return True
+
+    reader = logging.getLogger("mtbert.data")
+    reader.addFilter(rename)
+    try:
+        return read_split(task, path, RejectedRows("skip"), labelled=split != "test").counts
+    except DataError as e:
+        raise DataError(str(e).replace(str(path), str(shown_as))) from None
+    finally:
+        reader.removeFilter(rename)
 
 
 def download(to: Path, base_url: str = STARTER) -> list[Outcome]:
@@ -72,7 +87,7 @@ def download(to: Path, base_url: str = STARTER) -> list[Outcome]:
         part = partial(to, name)
         try:
             fetch(url, part)
-            counts = check(task, split, part)
+            counts = check(task, split, part, shown_as=target)
             os.replace(part, target)  # only a complete, valid file takes the name
             outcomes.append(Outcome(name, "downloaded", counts))
         except (urllib.error.URLError, OSError, DataError) as e:
@@ -93,7 +108,7 @@ def fetch(url: str, path: Path, chunk: int = 1 << 16):
         length = response.headers.get("Content-Length")
         total, got = (int(length) if length else None), 0
         with open(path, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, desc=Path(url).name,
-                                         leave=False) as bar:
+                                         mininterval=1.0) as bar:  # kept at its end: 100%, the size
             try:
                 while block := response.read(chunk):
                     f.write(block)
@@ -133,7 +148,7 @@ def build_from_hub(to: Path, load=None) -> list[Outcome]:
                 cells = [clean(row[c]) for c in kept]
                 f.write("\t".join([str(i), row_id, *cells]) + "\n")
         try:
-            counts = check(task, split, part)
+            counts = check(task, split, part, shown_as=target)
             os.replace(part, target)
             outcomes.append(Outcome(name, "built", counts, detail=source))
         except DataError as e:
