@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert.schema import UnknownKeyError, check_keys
@@ -79,6 +76,16 @@ def check_not_running(previous: dict, output_dir: str):
                 "continuing from its last checkpoint" if last.exists() else "training it from the start")
 
 
+def earlier_record(output_dir: str) -> dict | None:
+    """The run directory's results.json, if an earlier process wrote one; a `running` one
+    passes `check_not_running` first."""
+    path = Path(output_dir) / "results.json"
+    previous = json.loads(path.read_text()) if path.is_file() else None
+    if previous and previous["status"] == "running":
+        check_not_running(previous, output_dir)
+    return previous
+
+
 def quiet_rank():
     """Ranks other than 0 log warnings only, and never into rank 0's train.log."""
     root = logging.getLogger()
@@ -86,6 +93,11 @@ def quiet_rank():
         if isinstance(handler, logging.FileHandler):
             root.removeHandler(handler)
     root.setLevel(logging.WARNING)
+
+
+# stops that end a job `interrupted` besides mtbert.guards.Interrupted; both go on once recorded
+STOPS = {SystemExit: "requeued by submitit; it resumes from checkpoints/last.pt",  # after last.pt was saved
+         KeyboardInterrupt: "interrupted (SIGINT) without a checkpoint"}
 
 
 def main(cfg: DictConfig) -> dict:
@@ -98,91 +110,70 @@ def main(cfg: DictConfig) -> dict:
     except UnknownKeyError as e:
         sys.exit(f"error: {e}")
     from mtbert import distributed  # the heavy part (torch, transformers, W&B): the config is valid
-    from mtbert.build import USER_ERRORS, ConfigError, data_files
-    from mtbert.device import resolve_device
+    from mtbert.build import ConfigError
     from mtbert.evaluate import format_table
-    from mtbert.guards import Interrupted
-    from mtbert.logger import Job, NoLogger
-    from mtbert.rundir import ReadOnlyRunDir, RunDir, results_record, this_process
-    from mtbert.trainer import train
+    from mtbert.job import Lifecycle
+    from mtbert.rundir import this_process
 
     experiment = hydra.runtime.choices.get("experiment")
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_outside_training)
     output_dir = hydra.runtime.output_dir
-    previous = Path(output_dir) / "results.json"
-    previous = json.loads(previous.read_text()) if previous.is_file() else None
+    previous = earlier_record(output_dir)
     if previous and previous["status"] == "completed" and not cfg.resume:  # a sweep run again resumes what is left
         log.info("%s completed earlier (its results.json); nothing to train. Delete that file to "
                  "train it again", output_dir)
         print(format_table(previous["dev"]))
         return previous
-    if previous and previous["status"] == "running":
-        check_not_running(previous, output_dir)
-    if not cfg.resume:
-        previous = None
+    previous = previous if cfg.resume else None  # a resumed run keeps its record; another starts one
     if cfg.resume:
         try:
             cfg, experiment = resumed_config(cfg, hydra)
         except ConfigError as e:
             refuse(e)
-    results = results_record(experiment=experiment, seed=cfg.seed, process=this_process())
-    logger, run = NoLogger(), None
-    start = time.perf_counter()
-    try:
+    with Lifecycle(cfg, output_dir, experiment=experiment, process=this_process(), previous=previous,
+                   stops=STOPS, on_failure=lambda e, results: failed(e, hydra, output_dir)) as job:
         if held:
             stop_outside_training(held[0], None)
-        distributed.adopt_submitit_tasks()
-        rank, _ = distributed.setup(resolve_device(cfg.trainer.device))
-        if distributed.broadcast_object(output_dir) != output_dir:
-            raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
-                             "with torchrun pass hydra.run.dir=... so that all ranks share one")
-        data_files(cfg)  # a missing data file is reported before W&B and the model load
-        if rank == 0:
-            run = RunDir(output_dir)
-            if previous is None:  # a record from the start: a killed run says `running`
-                run.write_results({**results, "status": "running"})
-            logger = instantiate(cfg.logger)
-            run.sinks.append(logger)
-        else:
-            run = ReadOnlyRunDir(output_dir)
-            quiet_rank()
-        logger.start(cfg, run.path, Job.from_hydra(hydra))
-        results.update(train(cfg, run), status="completed")
-    except Interrupted as e:
-        results.update(previous or {}, **e.results, status="interrupted", error=str(e))
-        sys.exit(f"interrupted: {e}")
-    except USER_ERRORS as e:
-        if previous is None:
-            results["error"] = f"{type(e).__name__}: {e}"
-        else:  # a refused resume leaves the run as it was: still resumable, not failed
-            results.update(previous, error=f"resume refused: {type(e).__name__}: {e}")
-        if hydra.mode != RunMode.MULTIRUN:
-            refuse(e)
-        log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir)
-    except SystemExit:  # submitit requeued the job after last.pt was saved
-        results.update(status="interrupted", error="requeued by submitit; it resumes from checkpoints/last.pt")
-        raise
-    except KeyboardInterrupt:
-        results.update(status="interrupted", error="interrupted (SIGINT) without a checkpoint")
-        raise
-    except Exception as e:
-        results["error"] = f"{type(e).__name__}: {e}"
-        if hydra.mode != RunMode.MULTIRUN:
-            raise
-        log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir)
-    finally:
-        if run is None and os.environ.get("RANK", "0") == "0":  # failed before the run began
-            run = RunDir(output_dir)
-        if run is not None:
-            if not results["train_seconds"]:
-                results["train_seconds"] = time.perf_counter() - start
-            run.write_results(results)
-            if results["status"] == "completed" and not cfg.trainer.get("keep_last", True):
-                run.drop_checkpoint("last")
-            logger.finish(results)
-            run.close()
+        train_rank(job, hydra, output_dir)
     if distributed.rank() == 0:
-        print(format_table(results["dev"]))
+        print(format_table(job.results["dev"]))
         print(f"run directory: {Path(output_dir).resolve()}")
-    return results
+    return job.results
+
+
+def train_rank(job, hydra, output_dir: str):
+    """This process's part of the job: join the ranks, check the data files, open the run
+    (rank 0 writes it; the others read it and log warnings only), train."""
+    from mtbert import distributed
+    from mtbert.build import data_files
+    from mtbert.device import resolve_device
+    from mtbert.logger import Job
+
+    distributed.adopt_submitit_tasks()
+    rank, _ = distributed.setup(resolve_device(job.cfg.trainer.device))
+    if distributed.broadcast_object(output_dir) != output_dir:
+        raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
+                         "with torchrun pass hydra.run.dir=... so that all ranks share one")
+    data_files(job.cfg)  # a missing data file is reported before W&B and the model load
+    job.open(writes=rank == 0)
+    if rank != 0:
+        quiet_rank()
+    job.train(Job.from_hydra(hydra))
+
+
+def failed(e: BaseException, hydra, output_dir: str) -> bool:
+    """After a failure is recorded: an interruption ends the process (`interrupted: ...`);
+    in a sweep, a failed job is logged and the sweep goes on; a single run ends with the
+    user's mistake in one line (`error: ...`), or with any other error's traceback."""
+    from mtbert.build import USER_ERRORS
+    from mtbert.guards import Interrupted
+
+    if isinstance(e, Interrupted):
+        sys.exit(f"interrupted: {e}")
+    if hydra.mode != RunMode.MULTIRUN:
+        if isinstance(e, USER_ERRORS):
+            refuse(e)
+        return False
+    log.exception("job failed; the sweep goes on (see %s/results.json)", output_dir, exc_info=e)
+    return True

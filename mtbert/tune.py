@@ -118,10 +118,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         from mtbert.evaluate import format_table  # torch, transformers, W&B: once a trial runs
-        from mtbert.guards import Interrupted
+        from mtbert.job import run_job
         from mtbert.logger import Job
-        from mtbert.rundir import RunDir, results_record
-        from mtbert.trainer import train
 
         if not self.seeded:
             self.seed_sampler(trial)
@@ -134,43 +132,31 @@ class Objective:
         (run_dir / ".hydra").mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
         OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
-        run = RunDir(run_dir)
-        results = results_record(experiment=None, seed=cfg.seed)
-        run.write_results({**results, "status": "running"})
-        logger = instantiate(cfg.logger)
-        run.sinks.append(logger)
-        pruned = False
 
         def report(step: int, metrics: dict) -> bool:
-            nonlocal pruned
             trial.report(self.score(metrics), step)
-            pruned = trial.should_prune()
-            return pruned
+            return trial.should_prune()
 
-        start = time.perf_counter()
-        try:
-            logger.start(cfg, run.path, Job({}, f"trial {trial.number}: " + " ".join(overrides_of(params)),
-                                            self.sweep))
-            results.update(train(cfg, run, on_eval=report), status="pruned" if pruned else "completed")
-        except Interrupted as e:  # the study stops with the trial, which Optuna records as failed
-            results.update(e.results, status="interrupted", error=f"Interrupted: {e}")
-            trial.set_user_attr("error", results["error"])
-            trial.study.stop()
-            raise RuntimeError(results["error"]) from e
-        except Exception as e:  # the trial fails; the study goes on
-            results["error"] = f"{type(e).__name__}: {e}"
-            trial.set_user_attr("error", results["error"])
-            raise
-        finally:
-            results["train_seconds"] = results["train_seconds"] or time.perf_counter() - start
-            run.write_results(results)
-            run.drop_checkpoint("last")  # a trial is never resumed: a killed one fails, a new one is drawn
-            logger.finish(results)
-            run.close()
+        # a trial is never resumed (a killed one fails, a new one is drawn): its last.pt always goes
+        results = run_job(cfg, run_dir, Job({}, f"trial {trial.number}: " + " ".join(overrides_of(params)),
+                                            self.sweep), on_eval=report, always_drop_last=True,
+                          label_interrupts=True, on_failure=lambda e, results: failed(trial, e, results))
         print(format_table(results["dev"]))
-        if pruned:
+        if results["status"] == "pruned":
             raise optuna.TrialPruned(f"pruned at step {results['steps']}")
         return self.score(results[results["selected_on"]])  # the held-out rows, unless data.validation=null
+
+
+def failed(trial: optuna.Trial, e: BaseException, results: dict) -> bool:
+    """A failed trial names its error in the study; the study goes on (Optuna records the
+    trial failed), unless the trial was interrupted: then the study stops with it."""
+    from mtbert.guards import Interrupted
+
+    trial.set_user_attr("error", results["error"])
+    if isinstance(e, Interrupted):
+        trial.study.stop()
+        raise RuntimeError(results["error"]) from e
+    return False
 
 
 def write_outputs(study: optuna.Study, directory: Path, hpo: DictConfig) -> dict | None:

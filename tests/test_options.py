@@ -3,11 +3,9 @@ that change what trains, for two steps on the tiny model (as lightning-hydra-tem
 `experiment=glob(*)`): a shipped choice that breaks fails here, not in a user's sweep."""
 
 import pytest
-from hydra.utils import instantiate
 
 from conftest import ROOT, compose_config, write_cs224n
-from mtbert.rundir import RunDir
-from mtbert.trainer import train
+from mtbert.job import run_job
 
 CONF = ROOT / "conf"
 METRIC = {"sst": "sst_acc", "para": "para_acc", "sts": "sts_pearson"}
@@ -40,12 +38,7 @@ def test_option_trains_two_steps(overrides, data, tmp_path):
     cfg = compose_config("trainer.max_steps=2", "trainer.max_seconds=null", "data.batch_size=4",
                          "data.limit.train=12", "data.limit.dev=12", *model, *overrides,
                          data=data, cache=data.parent / "cache")
-    run, logger = RunDir(tmp_path / "run"), instantiate(cfg.logger)
-    run.sinks.append(logger)
-    logger.start(cfg, run.path)
-    results = train(cfg, run)
-    logger.finish(results)
-    run.close()
+    results = run_job(cfg, tmp_path / "run")  # the lifecycle train.py's jobs and tune's trials run
     evaluated = cfg.trainer.eval_tasks or ["sst", "para", "sts"]  # a single-task baseline: its own
     assert results["steps"] == cfg.trainer.max_steps
     assert set(results["dev"]) - {"mean", "overall"} == {METRIC[t] for t in evaluated}
