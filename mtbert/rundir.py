@@ -60,7 +60,7 @@ RESULTS = {"status": "failed", "experiment": None, "seed": None, "dev": None, "d
            "validation": None, "selected_on": None, "best_epoch": None,
            "best_step": None, "steps": 0, "examples_seen": {}, "skipped_steps": 0, "overflow_steps": 0, "train_seconds": 0.0,
            "device": None, "precision": None, "provenance": None, "data": {}, "tokenizer": None,
-           "process": None, "error": None}
+           "parameters": None, "process": None, "error": None}
 
 
 def this_process() -> dict:

@@ -64,8 +64,11 @@ class Trainer:
         self.selected_on = "validation" if s.validation else "dev"
         self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
-        self.shared = list(s.model.encoder.parameters()) + list(s.model.shared.parameters())
-        self.heads = list(s.model.heads.parameters())
+        # what more than one task reaches goes to the gradient method; a task's own (its head, and
+        # its own layers, adapter or gate with `sharing`) gets that task's gradient alone
+        self.shared = s.model.shared_parameters()
+        self.own = s.model.task_parameters()
+        self.heads = [p for params in self.own.values() for p in params]
         self.grad_every = cfg.diagnostics.grad_every  # log task-gradient conflict every N steps
         # the loop's state
         self.step, self.epoch, self.epoch_start = 0, 1, 0
@@ -141,7 +144,7 @@ class Trainer:
         if weights is not None:
             grads.scale(weights)
             for t, w in zip(batches, weights):
-                for p in s.model.heads[t].parameters():
+                for p in self.own[t]:
                     if p.grad is not None:
                         p.grad.mul_(w)
         return totals, grads
@@ -276,8 +279,8 @@ class Trainer:
         if trains_encoder != self.encoder_on:
             self.setup.model.set_encoder_trainable(trains_encoder)
             self.encoder_on = trains_encoder
-            log.info("step %d: %s", self.step,
-                     "training encoder and heads" if trains_encoder else "encoder frozen, training heads")
+            log.info("step %d: %s", self.step, "training encoder and heads" if trains_encoder
+                     else f"{self.setup.model.sharing.frozen}, training heads")
 
     def count(self, batches: dict[str, Batch]):
         """One step done: its examples and sentences, over all processes."""
@@ -301,7 +304,7 @@ class Trainer:
                 "best_step": self.best["step"], "steps": self.step, "examples_seen": dict(self.seen),
                 "skipped_steps": self.skipped, "overflow_steps": self.overflows, "train_seconds": self.elapsed,
                 "device": s.device.type, "precision": s.precision, "provenance": s.provenance, "data": s.files,
-                "tokenizer": s.tokenizer_digest}
+                "tokenizer": s.tokenizer_digest, "parameters": s.parameter_counts}
 
     def eval_due(self) -> bool:
         """Every `trainer.eval_every_steps` steps when set (the same points for every

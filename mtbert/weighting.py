@@ -195,8 +195,9 @@ class GradNorm(Weighting):
     The gradient of sum_t |G_t - target_t| in w_t, the target held constant as in the paper,
     is sign(G_t - target_t) ||grad_W L_t||; the model's optimizer applies it at `lr`, then
     the weights are renormalised to sum to T. W is `parameter` (a model parameter's name),
-    by default the encoder's last weight matrix outside its pooler: the last layer every
-    task's loss reaches. While the schedule freezes the encoder the weights stay as they are.
+    by default the encoder's last shared weight matrix outside its pooler: the last layer every
+    task's loss reaches (the shared layer's where no encoder weight trains shared: a frozen
+    LoRA base). While the schedule freezes the encoder the weights stay as they are.
     """
 
     def __init__(self, tasks: list[str], alpha: float = 1.5, lr: float = 0.025, parameter: str | None = None):
@@ -208,9 +209,10 @@ class GradNorm(Weighting):
         self.initial: Tensor | None = None  # L_t(0): the first step's losses
 
     def bind(self, model):
-        if self.parameter is None:
-            self.parameter = [n for n, p in model.named_parameters()
-                              if n.startswith("encoder.") and p.dim() == 2 and "pooler" not in n][-1]
+        if self.parameter is None:  # of the shared parameters that train (a frozen LoRA base does not)
+            shared = {id(p) for p in model.shared_parameters() if p.requires_grad}
+            matrices = [n for n, p in model.named_parameters() if id(p) in shared and p.dim() == 2 and "pooler" not in n]
+            self.parameter = ([n for n in matrices if n.startswith("encoder.")] or matrices)[-1]
         try:
             self.layer = model.get_parameter(self.parameter)
         except AttributeError:
