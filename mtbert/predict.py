@@ -105,6 +105,20 @@ def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = 
     return written
 
 
+def read_predictions(path: Path) -> dict[str, float]:
+    """A CS224N prediction file (`id , prediction` lines after a header) as {id: value}."""
+    values = {}
+    with open(path) as f:
+        next(f)
+        for number, line in enumerate(f, 2):
+            row_id, _, value = line.partition(",")
+            try:
+                values[row_id.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"{path}, line {number}: expected 'id , prediction', got {line!r}") from None
+    return values
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)

@@ -1,0 +1,3 @@
+from mtbert.report import main
+
+main()
