@@ -272,7 +272,8 @@ class Setup:
             self.weighting.bind(self.model)
         self.weighting.to(self.device)
         if cfg.trainer.compile:
-            self.model.compile_encoder()
+            with config_key("trainer", cfg.trainer):  # not every sharing option compiles
+                self.model.compile_encoder()
         groups = param_groups(self.model, cfg.optim.lr, self.tasks)
         if self.weighting.parameters():
             groups.append({"name": "weighting", "params": self.weighting.parameters(), "lr": self.weighting.lr})

@@ -68,6 +68,8 @@ def additive_mask(attention_mask: Tensor) -> Tensor:
 class LinearHead(nn.Module):
     """A linear layer on the shared embedding; for siamese pairs on [u; v] (section 3.6)."""
 
+    reads_shared = True
+
     def __init__(self, hidden: int, outputs: int, siamese: bool):
         super().__init__()
         self.siamese = siamese
@@ -86,6 +88,8 @@ class CosineHead(nn.Module):
     cannot express dissimilarity, and W starts as the identity so that training begins
     from the backbone's own sentence similarity.
     """
+
+    reads_shared = False
 
     def __init__(self, hidden: int):
         super().__init__()

@@ -303,19 +303,23 @@ class LoraAdapters(HardSharing):
         return trainable
 
     def compile(self, model):
-        raise ValueError("sharing=lora with trainer.compile=true: switching the adapter for each task would "
-                         "recompile the encoder; set trainer.compile=false or choose sharing=hard or top_layers")
+        raise ValueError("compile=true with sharing=lora: the compiled encoder does not follow PEFT's switch to "
+                         "each task's adapter (tried: the other tasks' outputs came out wrong); set "
+                         "trainer.compile=false, or choose sharing=hard, top_layers or mmoe")
 
 
 class Experts(nn.Module):
-    """MMoE's layer over the pooled embedding: sum_i softmax(gate_t(pooled))_i expert_i(pooled)."""
+    """MMoE's layer over the pooled embedding: sum_i softmax(gate_t(pooled))_i expert_i(pooled),
+    for the tasks with a gate; None for the others, whose heads do not read it."""
 
     def __init__(self, experts: list[nn.Module], gates: dict[str, nn.Module]):
         super().__init__()
         self.experts = nn.ModuleList(experts)
         self.gates = nn.ModuleDict(gates)
 
-    def forward(self, pooled: Tensor, task: str) -> Tensor:
+    def forward(self, pooled: Tensor, task: str) -> Tensor | None:
+        if task not in self.gates:
+            return None
         weights = self.gates[task](pooled).softmax(-1)  # [B, n]
         outputs = torch.stack([expert(pooled) for expert in self.experts], dim=-2)  # [B, n, hidden]
         return (weights.unsqueeze(-1) * outputs).sum(-2)
@@ -334,8 +338,8 @@ class MixtureOfExperts(HardSharing):
     """MMoE (Ma et al. 2018): `experts` layers of the shared layer's form (each newly
     initialised) in its place, and a softmax gate per task (a linear map of the pooled
     embedding to one logit per expert). The experts are shared; a task's gate is its own,
-    and trains at the shared layer's rate. The cosine head reads the pooled embedding, as
-    with hard sharing. A frozen phase freezes the encoder; experts and gates train on, as
+    and trains at the shared layer's rate. A task whose head reads the pooled embedding
+    instead (the cosine head, as with hard sharing) has no gate. A frozen phase freezes the encoder; experts and gates train on, as
     the shared layer does."""
 
     frozen = "encoder frozen (the experts and gates train on, as the shared layer does)"
@@ -349,11 +353,11 @@ class MixtureOfExperts(HardSharing):
     def attach(self, model):
         hidden = model.encoder.config.hidden_size
         model.shared = Experts([fresh(model.shared) for _ in range(self.n)],
-                               {t: nn.Linear(hidden, self.n) for t in model.heads})
+                               {t: nn.Linear(hidden, self.n) for t, head in model.heads.items() if head.reads_shared})
         super().attach(model)
 
     def own(self, model, task):
-        return list(model.shared.gates[task].parameters())
+        return list(model.shared.gates[task].parameters()) if task in model.shared.gates else []
 
     def groups(self, model, lr):
-        return [(f"gate_{t}", self.own(model, t), lr.shared) for t in model.heads]
+        return [(f"gate_{t}", self.own(model, t), lr.shared) for t in model.shared.gates]
