@@ -135,6 +135,7 @@ ADDED_KEYS = {
     "model.gradient_checkpointing": False,
     "trainer.accumulate": 1,
     "sharing": {"_target_": "mtbert.sharing.HardSharing"},  # every task shared the encoder and the shared layer
+    "regularizer": {"_target_": "mtbert.regularizer.Regularizer"},  # no regularizer
 }
 
 
@@ -242,6 +243,7 @@ class Setup:
         self.schedule = build(cfg, "schedule")
         self.gradient = build(cfg, "optim.gradient", seed=cfg.seed, tasks=len(self.train_tasks))
         self.weighting = build(cfg, "weighting", tasks=self.train_tasks)
+        self.regularizer = build(cfg, "regularizer", tasks=self.train_tasks, seed=cfg.seed)
         check_every_task(self.sampler, self.train_tasks, {"optim": self.gradient, "weighting": self.weighting})
         check_pair_encodings(cfg, build_objectives(cfg, declared_tasks(cfg)))
         torch.manual_seed(cfg.seed)
@@ -271,6 +273,8 @@ class Setup:
         with config_key("weighting", cfg.get("weighting")):
             self.weighting.bind(self.model)
         self.weighting.to(self.device)
+        with config_key("regularizer", cfg.regularizer):
+            self.regularizer.bind(self.model, self.objectives, self.device, self.precision)
         if cfg.trainer.compile:
             with config_key("trainer", cfg.trainer):  # not every sharing option compiles
                 self.model.compile_encoder()

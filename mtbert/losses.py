@@ -35,6 +35,10 @@ class Objective:
         """[B, classes] class probabilities of a classification objective (error analysis)."""
         raise NotImplementedError(f"{type(self).__name__} gives no class probabilities")
 
+    def divergence(self, perturbed: Tensor, clean: Tensor) -> Tensor:
+        """[B] how far each example's output moved: what SMART (mtbert.regularizer) penalises."""
+        raise NotImplementedError(f"{type(self).__name__} gives no divergence")
+
 
 class CrossEntropy(Objective):
     """Eq. 2: weighted cross-entropy over the task's classes (weighted mean over the batch)."""
@@ -62,6 +66,11 @@ class CrossEntropy(Objective):
     def probabilities(self, output, task):
         return output.float().softmax(-1)
 
+    def divergence(self, perturbed, clean):
+        """Symmetric KL of the two softmax distributions: sum_c (p_c - q_c)(log p_c - log q_c)."""
+        log_p, log_q = perturbed.float().log_softmax(-1), clean.float().log_softmax(-1)
+        return ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+
 
 class BinaryCrossEntropy(Objective):
     """One logit and BCE with logits, for two-class tasks (the paper's paraphrase loss)."""
@@ -80,6 +89,11 @@ class BinaryCrossEntropy(Objective):
         positive = output.float().sigmoid()
         return torch.stack([1 - positive, positive], -1)
 
+    def divergence(self, perturbed, clean):
+        """Symmetric KL of the two Bernoulli distributions, which is (p - q)(logit p - logit q)."""
+        a, b = perturbed.float(), clean.float()
+        return (a.sigmoid() - b.sigmoid()) * (a - b)
+
 
 class MeanSquaredError(Objective):
     """A regression head trained with MSE on the task's own scale."""
@@ -93,6 +107,9 @@ class MeanSquaredError(Objective):
 
     def predict(self, output, task):
         return output.float()
+
+    def divergence(self, perturbed, clean):
+        return squared_error(perturbed, clean)
 
 
 class _Cosine(Objective):
@@ -109,6 +126,9 @@ class _Cosine(Objective):
     def predict(self, output, task):
         low, high = task.score_range
         return low + output.float() * (high - low)
+
+    def divergence(self, perturbed, clean):
+        return squared_error(perturbed, clean)
 
 
 class CosineEmbedding(_Cosine):
@@ -133,6 +153,11 @@ class CosineMSE(_Cosine):
     def loss(self, output, labels, task):
         low, high = task.score_range
         return F.mse_loss(output.float(), (labels - low) / (high - low))
+
+
+def squared_error(perturbed: Tensor, clean: Tensor) -> Tensor:
+    """A regression output's divergence: its squared change, in fp32."""
+    return (perturbed.float() - clean.float()) ** 2
 
 
 def default_objective(task: Task) -> Objective:

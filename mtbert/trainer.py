@@ -172,6 +172,7 @@ class Trainer:
             self.scheduler.step()
         s.optimizer.zero_grad(set_to_none=True)
         if taken:
+            s.regularizer.after_step()
             s.weighting.after_step(lambda: self.task_losses(batches))
         else:
             self.overflows += 1
@@ -189,14 +190,15 @@ class Trainer:
             self.scheduler.step()
 
     def task_losses(self, batches: dict[str, Batch]) -> dict[str, torch.Tensor]:
-        """Each task's loss on its batch, times its lambda_t (eq. 1) and its share of the
-        global batch (1 in a single process)."""
+        """Each task's loss on its batch with the regularizer's term, times its lambda_t
+        (eq. 1) and its share of the global batch (1 in a single process)."""
         s = self.setup
         losses = {}
         for t, batch in batches.items():
             with autocast(s.device, s.precision):
                 output = s.model(t, batch)
             loss = s.objectives[t].loss(output, batch.labels, s.tasks[t])
+            loss = s.regularizer.regularize(loss, t, batch, output, s.objectives[t], self.step)
             share = len(batch.index) * distributed.world_size() / batch.global_size
             losses[t] = s.weights[t] * share * loss
         return losses
@@ -320,13 +322,16 @@ class Trainer:
         train_loss = meter.read()
         lr = {g["name"]: g["lr"] for g in self.setup.optimizer.param_groups}
         rate = self.sentences / max(self.elapsed, 1e-9)
+        terms = self.setup.regularizer.logged()  # {term: {task: mean}}, e.g. SMART's
         self.run.event("train", self.step, epoch=self.epoch, loss=train_loss, lr=lr,
                        examples_seen=dict(self.seen), sentences_per_s=rate,
-                       step_seconds=step_seconds, overflow_steps=self.overflows)
+                       step_seconds=step_seconds, overflow_steps=self.overflows, **terms)
         eta = step_seconds * (self.total_steps - self.step) + self.evaluations_left()
         log.info("epoch %d/%d step %d/%d | loss %s | %.1f sent/s | elapsed %s | ETA %s",
                  self.epoch, math.ceil(self.total_steps / self.steps_per_epoch), self.step, self.total_steps,
                  " ".join(f"{t} {v:.3f}" for t, v in train_loss.items())
+                 + "".join(f" | {name} " + " ".join(f"{t} {v:.3g}" for t, v in means.items())
+                           for name, means in terms.items())
                  + (f" | {self.overflows} fp16 overflow(s) skipped" if self.overflows else ""), rate,
                  duration(self.elapsed), duration(eta))
 
@@ -411,6 +416,7 @@ class Trainer:
             "sampler": s.sampler.state_dict(),
             "gradient": s.gradient.state_dict(),
             "weighting": s.weighting.state_dict(),
+            "regularizer": s.regularizer.state_dict(),
             "scaler": s.scaler.state_dict() if s.scaler is not None else None,
             "data": {t: {split: {k: f[k] for k in ("path", "sha256")} for split, f in splits.items()}
                      for t, splits in s.files.items()},
@@ -432,6 +438,7 @@ class Trainer:
         s.sampler.load_state_dict(state["sampler"])
         s.gradient.load_state_dict(state["gradient"])
         s.weighting.load_state_dict(state.get("weighting", {}))  # absent before the weighting group
+        s.regularizer.load_state_dict(state.get("regularizer", {}))  # absent before the regularizer group
         if s.scaler is not None:
             s.scaler.load_state_dict(state["scaler"])
         self.draws.set_state(state["rng"]["draws"])
