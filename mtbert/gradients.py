@@ -3,8 +3,9 @@
 `Sum` is plain multitask training (eq. 1: backpropagate the weighted sum). `PCGrad` is
 gradient surgery (Yu et al. 2020) and `Aggregated` any torchjd aggregator (UPGrad, MGDA,
 ...): both combine the per-task gradients of the shared parameters that `TaskGradients`
-collects. A head is reached by its own task's loss only, so it always gets that task's
-gradient unchanged.
+collects. A head (and a task's own layers, adapter or gate: `mtbert.sharing`) is reached
+by its own task's loss only, so it always gets that task's gradient unchanged; `heads`
+below names all of them.
 
 Unlike Pytorch-PCGrad, which the paper used, a parameter that no task reaches (a frozen
 encoder, BERT's unused pooler) keeps `.grad = None`, so AdamW neither moves nor decays

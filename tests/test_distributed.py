@@ -36,7 +36,9 @@ def torchrun(*overrides, cwd, data):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("weighting=uw",),
                                     ("weighting=gradnorm",), ("optim=gradvac",),
-                                    ("weighting=uw", "optim=pcgrad", "trainer.accumulate=2")], ids=" ".join)
+                                    ("weighting=uw", "optim=pcgrad", "trainer.accumulate=2"),
+                                    ("sharing=top_layers", "optim=pcgrad"), ("sharing=lora", "sharing.dropout=0", "optim=pcgrad"),
+                                    ("sharing=mmoe", "optim=pcgrad")], ids=" ".join)
 def test_two_ranks_equal_one_process(method, tmp_path, data_dir):
     one, two = tmp_path / "one", tmp_path / "two"
     run_train(*EXACT, *method, f"hydra.run.dir={one}", cwd=tmp_path, data=data_dir)
@@ -48,7 +50,7 @@ def test_two_ranks_equal_one_process(method, tmp_path, data_dir):
     b = load_checkpoint(two / "checkpoints" / "last.pt")
     assert a["loop"]["step"] == b["loop"]["step"] == 4
     assert a["loop"]["seen"] == b["loop"]["seen"], "examples counted once per global batch"
-    start = run_train_initial(tmp_path, data_dir)
+    start = run_train_initial(tmp_path, data_dir, *method)
     moved = 0
     for key, value in a["model"].items():
         torch.testing.assert_close(b["model"][key], value, rtol=1e-4, atol=1e-6, msg=key)
@@ -58,10 +60,10 @@ def test_two_ranks_equal_one_process(method, tmp_path, data_dir):
     assert not any(p.name.startswith("rank") for p in two.iterdir())
 
 
-def run_train_initial(tmp_path, data_dir):
+def run_train_initial(tmp_path, data_dir, *overrides):
     """The parameters before any step: same seed, zero steps of training."""
     from mtbert.build import build_network
-    cfg = compose_config(*EXACT)
+    cfg = compose_config(*EXACT, *overrides)
     torch.manual_seed(cfg.seed)
     return build_network(cfg)[2].state_dict()
 

@@ -34,6 +34,10 @@ def final_model(run_dir: Path) -> dict:
                                    ("sampler=annealed", "trainer.evals_per_epoch=2"),
                                    ("weighting=famo", "optim=nash_mtl"),  # a scalarizer, an aggregator
                                    ("weighting=gradnorm", "optim=gradvac"),
+                                   # a task's own top layers, adapters (the base trained too), gates
+                                   ("sharing=top_layers", "optim=pcgrad", "schedule=paper"),
+                                   ("sharing=lora", "sharing.train_base=true", "optim=pcgrad"),
+                                   ("sharing=mmoe", "weighting=uw"),
                                    # fp16: overflows skip steps early, then the scale grows every 3 steps;
                                    # each step in 2 micro-batches
                                    ("trainer.precision=fp16", "optim=pcgrad", "trainer.grad_scaler.init_scale=1e9",
