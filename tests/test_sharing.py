@@ -24,6 +24,7 @@ from mtbert.job import run_job
 from mtbert.rundir import RunDir
 from mtbert.schema import UnknownKeyError, compose
 from mtbert.trainer import Trainer
+from mtbert.weighting import GradNorm
 
 OPTIONS = ("top_layers", "lora", "mmoe")
 TASKS = ("sst", "para", "sts")
@@ -72,6 +73,10 @@ def test_what_each_option_shares_by_hand(option, data_dir):
         assert trainable - set().union(*own.values()) == {"shared.0.weight", "shared.0.bias"}
     else:
         assert trainable == every
+    gradnorm = GradNorm(list(TASKS))  # its matrix: the last shared one that trains
+    gradnorm.bind(model)
+    assert gradnorm.parameter == {"top_layers": "encoder.encoder.layer.0.output.dense.weight",
+                                  "lora": "shared.0.weight"}.get(option, "encoder.encoder.layer.1.output.dense.weight")
     counts = model.parameter_counts()
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     assert counts["shared"] + sum(counts["tasks"].values()) == counts["trainable"]

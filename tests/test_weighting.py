@@ -124,6 +124,9 @@ class Toy(nn.Module):
         self.encoder = nn.Linear(3, 3, bias=False)
         self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in TASKS})
 
+    def shared_parameters(self):  # as MultitaskBert says what its tasks share
+        return list(self.encoder.parameters())
+
     def losses(self, x):
         h = torch.tanh(self.encoder(x))
         return {t: (self.heads[t](h) ** 2).mean() * (i + 1) for i, t in enumerate(TASKS)}
