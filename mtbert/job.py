@@ -73,7 +73,7 @@ class Lifecycle:
         self.run.sinks.append(self.logger)
 
     def train(self, job=None, on_eval: Callable[[int, dict], bool] | None = None):
-        """Start the logger (`job`: a mtbert.logger.Job) and train; an `on_eval` that stops
+        """Start the logger (`job`: a mtbert.logger.RunIdentity) and train; an `on_eval` that stops
         the run (a pruner) makes it `pruned`."""
         def report(step: int, metrics: dict) -> bool:
             self.pruned = on_eval(step, metrics)

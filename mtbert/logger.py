@@ -77,14 +77,14 @@ def resolve_mode(requested: str | None) -> str:
 
 
 @dataclass
-class Job:
+class RunIdentity:
     """What a W&B run is named and grouped by; `run.py` makes it from Hydra's record."""
     choices: dict[str, str] = field(default_factory=dict)  # each group's option, for W&B filters
     name: str = ""  # the job's overrides (Hydra's override_dirname); else the run directory's name
     sweep: str | None = None  # a multirun's sweep directory: its jobs' W&B group
 
     @classmethod
-    def from_hydra(cls, hydra) -> Job:
+    def from_hydra(cls, hydra) -> RunIdentity:
         sweep = None
         if hydra.mode == RunMode.MULTIRUN:  # as configured, e.g. multirun/2025-01-31/12-00-00
             path, cwd = Path(hydra.sweep.dir), Path(hydra.runtime.cwd)
@@ -104,8 +104,8 @@ class WandbLogger:
         self.quiet = quiet
         self.run = None
 
-    def start(self, cfg: DictConfig, run_dir: Path, job: Job | None = None):
-        job = job or Job()
+    def start(self, cfg: DictConfig, run_dir: Path, job: RunIdentity | None = None):
+        job = job or RunIdentity()
         self.run_dir = Path(run_dir)
         config = {**OmegaConf.to_container(cfg, resolve=True), "choices": job.choices}
         init = dict(project=self.project, entity=self.entity, tags=self.tags,

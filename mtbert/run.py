@@ -148,7 +148,7 @@ def train_rank(job, hydra, output_dir: str):
     from mtbert import distributed
     from mtbert.build import data_files
     from mtbert.device import resolve_device
-    from mtbert.logger import Job
+    from mtbert.logger import RunIdentity
 
     distributed.adopt_submitit_tasks()
     rank, _ = distributed.setup(resolve_device(job.cfg.trainer.device))
@@ -159,7 +159,7 @@ def train_rank(job, hydra, output_dir: str):
     job.open(writes=rank == 0)
     if rank != 0:
         quiet_rank()
-    job.train(Job.from_hydra(hydra))
+    job.train(RunIdentity.from_hydra(hydra))
 
 
 def failed(e: BaseException, hydra, output_dir: str) -> bool:

@@ -119,7 +119,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         from mtbert.evaluate import format_table  # torch, transformers, W&B: once a trial runs
         from mtbert.job import run_job
-        from mtbert.logger import Job
+        from mtbert.logger import RunIdentity
 
         if not self.seeded:
             self.seed_sampler(trial)
@@ -138,7 +138,7 @@ class Objective:
             return trial.should_prune()
 
         # a trial is never resumed (a killed one fails, a new one is drawn): its last.pt always goes
-        results = run_job(cfg, run_dir, Job({}, f"trial {trial.number}: " + " ".join(overrides_of(params)),
+        results = run_job(cfg, run_dir, RunIdentity({}, f"trial {trial.number}: " + " ".join(overrides_of(params)),
                                             self.sweep), on_eval=report, always_drop_last=True,
                           label_interrupts=True, on_failure=lambda e, results: failed(trial, e, results))
         print(format_table(results["dev"]))
