@@ -64,10 +64,11 @@ class Smart(Regularizer):
     normal by it) is added to the word embeddings (a forward hook on the encoder's input
     embeddings: every family, and any module that shares them); `steps` times it moves by
     `step_size` along the gradient of D(f(x + delta), f(x)) in delta, normalised per token
-    by its inf-norm (+ `epsilon`), as the paper's Algorithm 1 does. (MT-DNN normalises
-    delta + step_size * gradient as a whole, which sets every perturbation to unit inf-norm
-    whatever the step size.) The term is `weight` x D(f(x + delta), f(x)), averaged over
-    the batch, its gradient reaching the model through both outputs. D is the objective's
+    by its inf-norm (+ `epsilon`), as the paper's Algorithm 1 does, without its projection
+    onto an epsilon-ball (`steps` x `step_size` bounds the move). (MT-DNN normalises delta +
+    step_size * gradient as a whole, which sets every perturbation to unit inf-norm whatever
+    the step size.) The term is `weight` x D(f(x + delta), f(x)), averaged over the batch,
+    its gradient reaching the model through both outputs. D is the objective's
     `divergence`: symmetric KL for classification, squared error for regression.
 
     The noise is drawn from a hash of (run seed, step, task, example, sentence, token
