@@ -16,8 +16,8 @@ GradNorm and the averaging of shared gradients.
 - `LoraAdapters`: one low-rank adapter per task on the encoder's linear layers (Hu et al.
   2021, through PEFT), the task's adapter active in its forward; the base encoder trained
   or frozen.
-- `MixtureOfExperts`: MMoE (Ma et al. 2018): `experts` copies of the shared layer over the
-  pooled embedding, mixed by one softmax gate per task.
+- `MixtureOfExperts`: MMoE (Ma et al. 2018): `experts` layers of the shared layer's form
+  over the pooled embedding, mixed by a softmax gate for each task whose head reads them.
 
 An option is built from its config before the model exists, then `attach`es to the model
 (`mtbert.build.build_network`): it may add modules, replace the shared layer, inject
