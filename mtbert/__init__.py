@@ -4,10 +4,13 @@ import logging
 
 from omegaconf import OmegaConf
 
+from mtbert.memory import limit_kernel_caches
 from mtbert.threads import choose_wait_policy
 
 # before torch loads OpenMP: passive waiting when other processes keep the cores busy
 choose_wait_policy()
+# before mtbert makes its first oneDNN kernel: bounded kernel caches
+limit_kernel_caches()
 
 # `resume=RUN_DIR` continues a run in its own directory; Hydra writes that job's record
 # to `.hydra-resume/` so the original `.hydra/` (the run's config) stays as it was.

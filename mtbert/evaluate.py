@@ -12,6 +12,7 @@ from mtbert.batching import Encoded, eval_batches
 from mtbert.data import Task
 from mtbert.device import autocast
 from mtbert.losses import Objective
+from mtbert.memory import release_memory
 from mtbert.meters import Progress
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ def predict(model, task: Task, objective: Objective, enc: Encoded, device, preci
     predictions = torch.cat(predictions).cpu()  # the one wait for the device
     out = torch.empty(len(enc), *predictions.shape[1:])
     out[torch.cat(order)] = predictions
+    release_memory()  # the batches' activations, held free by the allocator
     return out
 
 

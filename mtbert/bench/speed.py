@@ -35,10 +35,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -54,6 +57,7 @@ from mtbert.bench import publish
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.evaluate import evaluate
+from mtbert.memory import release_memory
 from mtbert.rundir import RunDir, read_events
 from mtbert.build import USER_ERRORS, build_network, param_groups, row_limit
 from mtbert.trainer import Trainer
@@ -275,38 +279,151 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+MEMORY_MARK = "mtbert-bench-memory: "  # the line a --memory-of child prints its result on
+
+
+def rss_mb(field: str = "VmRSS") -> float | None:
+    """This process's resident set (VmRSS) or its peak so far (VmHWM), from /proc (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak (VmHWM) to the present resident set (Linux: clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_of(args, name: str) -> dict:
+    """Peak memory of one variant alone, in the child process the bench starts for it: the
+    variant built, then as many steps as it takes in the bench (warmup, then every round);
+    `eval`: mtbert adam's model built and the full dev evaluation. `bare` takes adam's
+    batch streams from a helper that is freed (and the peak reset, on Linux) before bare
+    is built."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)[0]
+    config = configurer(args, device, precision)
+    specs = mtbert_variants(args, precision)
+    start = rss_mb()
+    out = {"start_mb": start}
+    with tempfile.TemporaryDirectory(prefix="mtbert-bench-memory-") as tmp:
+        if name == "eval":
+            adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
+            s = adam.trainer.setup
+            evaluate(s.model, s.dev, s.objectives, device, s.precision, log_every=None)
+            runner = None
+        elif name == "naive":
+            cfg = config("optim=adam")
+            tasks = list(cfg.sampler.get("tasks") or cfg.data.tasks)
+            runner = NaiveLoop(cfg, tasks, device, args.naive_update)
+        elif name == "bare":
+            helper = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
+            streams = copy.deepcopy({t: helper.trainer.streams[t] for t in helper.tasks})
+            del helper
+            gc.collect()
+            release_memory()
+            out["helper_freed"] = reset_peak_rss()  # False: the peak includes the helper's
+            runner = BareStep(config("optim=adam"), device, precision, streams)
+        elif name in specs:
+            overrides, folder = specs[name]
+            runner = MtbertStep(config(*overrides), Path(tmp) / folder)
+        else:
+            raise ValueError(f"no variant {name!r}; the variants: {variant_names(args, precision)} and eval")
+        if runner is not None:
+            timing = Timing(runner)
+            for steps in (args.warmup, *[args.steps] * args.rounds):
+                timing.run(steps, device, record=False)
+            out["steps"] = args.warmup + args.rounds * args.steps
+        out["peak_mb"] = rss_mb("VmHWM") or peak_memory_mb(torch.device("cpu"))
+        if device.type == "cuda":
+            out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def memory_per_variant(args, names: list[str]) -> dict:
+    """Each variant's peak memory measured alone, one child process each (`--memory-of`):
+    in the bench's own process every variant is loaded at once. A child that fails is
+    recorded with its last error line, and the bench goes on."""
+    out = {}
+    for name in names:
+        print(f"memory: {name} in its own process", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, "-m", "mtbert.bench", *args.argv, "--memory-of", name],
+                              capture_output=True, text=True)
+        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith(MEMORY_MARK)), None)
+        if proc.returncode == 0 and line:
+            out[name] = json.loads(line[len(MEMORY_MARK):])
+        else:
+            out[name] = {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
+    return out
+
+
+def configurer(args, device: torch.device, precision: str):
+    """The bench's config for a list of overrides, its keys checked against the options
+    chosen, as train.py does (mtbert.schema)."""
+    base = [f"model={args.model}", f"data.batch_size={args.batch_size}", f"trainer.device={device.type}",
+            "logger=none", *(["trainer.compile=true"] if args.compile else []), *args.override]
+    return lambda *overrides: schema.compose([*base, f"trainer.precision={precision}", *overrides], CONF)
+
+
+def mtbert_variants(args, precision: str) -> dict[str, tuple[tuple[str, ...], str]]:
+    """The mtbert variants beside `mtbert adam`: name -> (config overrides, run folder), in
+    the order they run within a round (naive and bare are built apart)."""
+    other = "fp32" if precision == "bf16" else "bf16"
+    out = {"mtbert adam": (("optim=adam",), "adam"), "mtbert pcgrad": (("optim=pcgrad",), "pcgrad")}
+    if args.compare_precision:
+        out[f"mtbert adam {other}"] = (("optim=adam", f"trainer.precision={other}"), other)
+    if args.compare_bucketing:
+        out["mtbert adam unbucketed"] = (("optim=adam", "trainer.bucket_batches=1"), "unbucketed")
+    for i, override in enumerate(args.variant):
+        out[f"mtbert adam {override}"] = (("optim=adam", *override.split()), f"variant{i}")
+    return out
+
+
+def variant_names(args, precision: str) -> list[str]:
+    """Every timed variant, in the order they run within a round."""
+    mtbert = list(mtbert_variants(args, precision))
+    return ["naive", "mtbert adam", "bare", *mtbert[1:]]
+
+
 def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)[0]
     info = machine(device)
-    base = [f"model={args.model}", f"data.batch_size={args.batch_size}", f"trainer.device={device.type}",
-            "logger=none", *(["trainer.compile=true"] if args.compile else []), *args.override]
-
-    def config(*overrides):  # its keys checked against the options chosen, as train.py does (mtbert.schema)
-        return schema.compose([*base, f"trainer.precision={precision}", *overrides], CONF)
-
+    config = configurer(args, device, precision)
     for override in args.variant:  # a variant's bad key stops the bench before any model is built
         config("optim=adam", *override.split())
+    specs = mtbert_variants(args, precision)
+    other = "fp32" if precision == "bf16" else "bf16"
+    memory = None
+    if args.memory:  # before this process loads its variants, so that the two never add up
+        memory = memory_per_variant(args, variant_names(args, precision) + (["eval"] if args.eval else []))
     variants = {}  # name -> Timing, in the order they run within a round
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
         adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
         streams = copy.deepcopy({t: adam.trainer.streams[t] for t in adam.tasks})  # same batches as adam
-        variants["naive"] = Timing(NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update))
-        variants["mtbert adam"] = Timing(adam)
-        variants["bare"] = Timing(BareStep(config("optim=adam"), device, precision, streams))
-        variants["mtbert pcgrad"] = Timing(MtbertStep(config("optim=pcgrad"), Path(tmp) / "pcgrad"))
-        other = "fp32" if precision == "bf16" else "bf16"
-        if args.compare_precision:
-            variants[f"mtbert adam {other}"] = Timing(
-                MtbertStep(config("optim=adam", f"trainer.precision={other}"), Path(tmp) / other))
-        if args.compare_bucketing:
-            variants["mtbert adam unbucketed"] = Timing(
-                MtbertStep(config("optim=adam", "trainer.bucket_batches=1"), Path(tmp) / "unbucketed"))
-        for i, override in enumerate(args.variant):
-            variants[f"mtbert adam {override}"] = Timing(
-                MtbertStep(config("optim=adam", *override.split()), Path(tmp) / f"variant{i}"))
+        for name in variant_names(args, precision):
+            if name == "naive":
+                runner = NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update)
+            elif name == "bare":
+                runner = BareStep(config("optim=adam"), device, precision, streams)
+            elif name == "mtbert adam":
+                runner = adam
+            else:
+                overrides, folder = specs[name]
+                runner = MtbertStep(config(*overrides), Path(tmp) / folder)
+            variants[name] = Timing(runner)
         layer_n = layer_params(adam.model)
         used = {precision, *(v.runner.precision for v in variants.values())}
         peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
@@ -337,6 +454,8 @@ def run(args) -> dict:
                                             args.naive_update)
         info["load_average_end"] = os.getloadavg()[0]
         result["peak_memory_mb"] = peak_memory_mb(device)
+        if memory is not None:
+            result["memory_per_variant"] = memory
         result["targets"] = targets(result)
     return result
 
@@ -469,6 +588,18 @@ def markdown(r: dict) -> str:
             cells = " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}"
                                for k in ("sst_acc", "para_acc", "sts_pearson", "mean"))
             lines.append(f"| {name} | {v['steps']} | {v['train_seconds']:.0f} | {v['sentences_per_s']:.1f} | {cells} |")
+    if "memory_per_variant" in r:
+        lines += ["", "Peak memory of each variant alone, in its own process (built, then its warmup and "
+                  "timed steps; eval: the model and the full dev evaluation); resident set, MiB:", "",
+                  "| variant | peak | at start (imports) |" + (" CUDA peak |" if m["device"] == "cuda" else ""),
+                  "|---|---:|---:|" + ("---:|" if m["device"] == "cuda" else "")]
+        for name, v in r["memory_per_variant"].items():
+            if "error" in v:
+                lines.append(f"| {name} | failed: {v['error']} | |" + (" |" if m["device"] == "cuda" else ""))
+                continue
+            start = "n/a" if v["start_mb"] is None else f"{v['start_mb']:,.0f}"
+            cuda = f" {v['cuda_peak_mb']:,.0f} |" if "cuda_peak_mb" in v else (" |" if m["device"] == "cuda" else "")
+            lines.append(f"| {name} | {v['peak_mb']:,.0f} | {start} |{cuda}")
     lines += ["", f"Peak memory of the bench process (all variants loaded): {r['peak_memory_mb']:,.0f} MiB."]
     return "\n".join(lines) + "\n"
 
@@ -504,8 +635,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="extra Hydra override for every variant (repeatable)")
     parser.add_argument("--out", action="append", default=[], metavar="PATH",
                         help="write the result: .json or .md (repeatable)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure each variant's peak memory alone, in a process of its own, first")
+    parser.add_argument("--memory-of", metavar="VARIANT", help=argparse.SUPPRESS)  # the child of --memory
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if args.memory_of:
+        result = memory_of(args, args.memory_of)
+        print(MEMORY_MARK + json.dumps(result), flush=True)
+        return result
     try:
         result = run(args)
     except (HydraException, schema.UnknownKeyError, *USER_ERRORS) as e:  # a bad option, key or data folder
