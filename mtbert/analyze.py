@@ -27,16 +27,17 @@ from scipy import stats
 
 from mtbert import console_logging
 from mtbert.batching import encode
-from mtbert.data import DataError, RejectedRows, Split, Task, read_split
+from mtbert.data import RejectedRows, Split, Task, read_split
+from mtbert.errors import DataError
 from mtbert.evaluate import predict
 from mtbert.predict import load_best
-from mtbert.build import evaluated_tasks, row_limit
+from mtbert.config import evaluated_tasks, row_limit
 
 LENGTH_BINS = 5  # sentence-length bins, by quantile of the dev set's lengths
 
 
 def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str | None = None) -> Path:
-    cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
+    cfg, tasks, objectives, encodings, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files.", ""]
@@ -44,7 +45,7 @@ def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str |
         task = tasks[name]
         rows = read_split(task, Path(cfg.data.root).expanduser() / task.files["dev"], RejectedRows("skip"),
                           labelled=True, limit=row_limit(cfg.data.limit.dev, name))  # the run's dev rows
-        enc = encode(rows, tokenizer, cfg.data.max_length, model.encodings[name] == "siamese",
+        enc = encode(rows, tokenizer, cfg.data.max_length, encodings[name] == "siamese",
                      cfg.data.cache_dir)
         gold = np.asarray(rows.labels)
         if task.classes:

@@ -14,10 +14,9 @@ from mtbert.device import autocast
 from mtbert.losses import Objective
 from mtbert.memory import release_memory
 from mtbert.meters import Progress
+from mtbert.paper import PAPER_METRICS
 
 log = logging.getLogger(__name__)
-
-PAPER_METRICS = ("sst_acc", "para_acc", "sts_pearson")
 
 
 @torch.inference_mode()

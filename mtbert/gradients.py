@@ -128,7 +128,8 @@ class GradientMethod:
     every_task = True
 
     def __init__(self, seed: int = 0, tasks: int = 0):
-        pass
+        """Every method is built with the run's seed and its number of training tasks
+        (`mtbert.build.Setup`); a method keeps what it needs of them."""
 
     @property
     def name(self) -> str:
@@ -199,13 +200,11 @@ class GradientMethod:
         return kept
 
     def state_dict(self) -> dict:
-        """The RNG of methods that draw (PCGrad's task order), for exact resumes."""
-        generator = getattr(self, "generator", None)
-        return {"generator": generator.get_state()} if generator is not None else {}
+        """What a method keeps from step to step, for exact resumes: nothing, for most."""
+        return {}
 
     def load_state_dict(self, state: dict):
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
+        pass
 
     def combine(self, grads: TaskGradients) -> tuple[Tensor, Tensor | None]:
         """The shared parameters' gradient [P], and the number of projections (a 0-d
@@ -243,6 +242,12 @@ class PCGrad(GradientMethod):
 
     def sums(self, losses):
         return len(losses) == 1
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}  # the task orders still to draw
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
 
     def coefficients(self, gram: Tensor) -> tuple[Tensor, Tensor]:
         """Row i: projected g_i over the original task gradients; and the projections made."""
@@ -287,5 +292,4 @@ class Aggregated(GradientMethod):
         return {"aggregator": torchjd_state(self.aggregator)}
 
     def load_state_dict(self, state):
-        if "aggregator" in state:  # absent from checkpoints of older runs
-            load_torchjd_state(self.aggregator, state["aggregator"])
+        load_torchjd_state(self.aggregator, state["aggregator"])

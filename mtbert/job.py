@@ -19,7 +19,7 @@ from typing import Callable
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from mtbert.build import USER_ERRORS
+from mtbert.errors import USER_ERRORS
 from mtbert.guards import Interrupted
 from mtbert.logger import NoLogger
 from mtbert.rundir import ReadOnlyRunDir, RunDir, results_record

@@ -16,7 +16,9 @@ from mtbert.data import Task
 
 
 class Objective:
-    head = "linear"  # or "cosine"
+    # True: the head is the cosine of the two sentences' embeddings (section 3.7), not a
+    # linear layer, so the pairs are encoded siamese (`mtbert.build.pair_encodings`)
+    compares_embeddings = False
 
     def check(self, task: Task):
         """Raise ValueError if this objective cannot train `task`."""
@@ -116,7 +118,7 @@ class _Cosine(Objective):
     """Shared by the cosine objectives: the head outputs cos(u, v) of the two sentences,
     and the score is cos mapped linearly onto the task's scale (Pearson is unchanged)."""
 
-    head = "cosine"
+    compares_embeddings = True
 
     def check(self, task):
         if task.score_range is None or not task.is_pair:

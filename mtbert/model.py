@@ -126,10 +126,9 @@ class MultitaskBert(nn.Module):
         self.additive_mask = family == "bert"
         hidden = self.encoder.config.hidden_size
         self.shared = SharedLayer(hidden, dropout)
-        self.encodings = pair_encoding  # resolved by mtbert.build.pair_encodings
         self.heads = nn.ModuleDict({
-            name: CosineHead(hidden) if objectives[name].head == "cosine"
-            else LinearHead(hidden, objectives[name].outputs(task), self.encodings[name] == "siamese")
+            name: CosineHead(hidden) if objectives[name].compares_embeddings
+            else LinearHead(hidden, objectives[name].outputs(task), pair_encoding[name] == "siamese")
             for name, task in tasks.items()
         })
         self.sharing = HardSharing()  # a `sharing` option attaches itself in its place (mtbert.build)

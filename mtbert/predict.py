@@ -26,7 +26,8 @@ from mtbert.data import RejectedRows, read_split
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.evaluate import predict
 from mtbert.rundir import load_model_weights
-from mtbert.build import build_network, current_terms
+from mtbert.build import build_network
+from mtbert.compat import current_terms
 
 log = logging.getLogger("mtbert.predict")
 
@@ -37,6 +38,7 @@ class Best(NamedTuple):
     cfg: DictConfig
     tasks: dict
     objectives: dict
+    encodings: dict
     model: torch.nn.Module
     tokenizer: object
     device: torch.device
@@ -54,16 +56,16 @@ def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None)
     cfg = current_terms(OmegaConf.load(config))
     if data_root:
         cfg.data.root = data_root
-    tasks, objectives, model, tokenizer = build_network(cfg)
+    tasks, objectives, encodings, model, tokenizer = build_network(cfg)
     load_model_weights(model, checkpoint)
     dev = resolve_device(device)
     model.to(dev)
-    return Best(cfg, tasks, objectives, model, tokenizer, dev, resolve_precision(cfg.trainer.precision, dev)[0])
+    return Best(cfg, tasks, objectives, encodings, model, tokenizer, dev, resolve_precision(cfg.trainer.precision, dev)[0])
 
 
 def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
                       device: str = "auto", data_root: str | None = None) -> list[Path]:
-    cfg, tasks, objectives, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
+    cfg, tasks, objectives, encodings, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
     results = run_dir / "results.json"
     recorded = (json.loads(results.read_text()).get("data") or {}) if results.is_file() else {}
     out = out or run_dir / "predictions"
@@ -91,7 +93,7 @@ def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = 
                                  f"(SHA-256 {rows.counts['sha256'][:12]}, was {trained_on[:12]}); pass "
                                  "--data-root with the run's data")
             enc = encode(rows, tokenizer, cfg.data.max_length,
-                         model.encodings[name] == "siamese", cfg.data.cache_dir)
+                         encodings[name] == "siamese", cfg.data.cache_dir)
             values = predict(model, task, objectives[name], enc, dev, precision)
             target = out / f"{name}-{split}-output.csv"
             with open(target, "w") as f:

@@ -186,7 +186,7 @@ class Smart(Regularizer):
         return {"teacher": self.teacher.state_dict()} if self.teacher is not None else {}
 
     def load_state_dict(self, state):
-        if self.teacher is not None and "teacher" in state:
+        if self.teacher is not None:
             self.teacher.load_state_dict(state["teacher"])
 
 

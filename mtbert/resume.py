@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
-from mtbert.build import ConfigError, current_terms
-from mtbert.data import DataError
+from mtbert.compat import current_terms
+from mtbert.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,8 @@ def check_resumable(state: dict, path: Path, cfg: DictConfig, files: dict, token
     if changed:
         raise ConfigError(f"{path} was written with another config (differs at {changed}); "
                           "resume with the original run's overrides")
-    check_same_data(state.get("data", {}), files, cfg.data.root)  # older checkpoints did not record it
-    if state.get("tokenizer", tokenizer_digest) != tokenizer_digest:
+    check_same_data(state["data"], files, cfg.data.root)
+    if state["tokenizer"] != tokenizer_digest:
         raise ConfigError(f"{path} was trained with another tokenizer than {cfg.model.source} "
                           "gives now (its vocabulary or settings changed): resume with the same one")
 
@@ -70,8 +70,6 @@ def rank_generators() -> dict:
 
 def restore_rank_generators(saved: dict):
     torch_rng, cuda_rng = saved["torch"], saved["cuda"]
-    if isinstance(torch_rng, torch.Tensor):  # saved before every rank's state was kept
-        torch_rng, cuda_rng = [torch_rng] * distributed.world_size(), [cuda_rng] * distributed.world_size()
     if len(torch_rng) != distributed.world_size():
         raise ConfigError(f"the run was saved with {len(torch_rng)} process(es); resume it with as many "
                           f"(now {distributed.world_size()})")

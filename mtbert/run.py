@@ -32,7 +32,8 @@ def refuse(e: Exception) -> NoReturn:
 def resumed_config(cfg: DictConfig, hydra) -> tuple[DictConfig, str | None]:
     """With `resume=RUN_DIR`, the run's own config and experiment name: a resumed run
     continues exactly the run it was, so other overrides are refused."""
-    from mtbert.build import ConfigError, current_terms
+    from mtbert.compat import current_terms
+    from mtbert.errors import ConfigError
 
     run_dir = Path(cfg.resume)
     original = run_dir / ".hydra" / "config.yaml"
@@ -110,7 +111,7 @@ def main(cfg: DictConfig) -> dict:
     except UnknownKeyError as e:
         sys.exit(f"error: {e}")
     from mtbert import distributed  # the heavy part (torch, transformers, W&B): the config is valid
-    from mtbert.build import ConfigError
+    from mtbert.errors import ConfigError
     from mtbert.evaluate import format_table
     from mtbert.job import Lifecycle
     from mtbert.rundir import this_process
@@ -146,7 +147,7 @@ def train_rank(job, hydra, output_dir: str):
     """This process's part of the job: join the ranks, check the data files, open the run
     (rank 0 writes it; the others read it and log warnings only), train."""
     from mtbert import distributed
-    from mtbert.build import data_files
+    from mtbert.checks import data_files
     from mtbert.device import resolve_device
     from mtbert.logger import RunIdentity
 
@@ -166,7 +167,7 @@ def failed(e: BaseException, hydra, output_dir: str) -> bool:
     """After a failure is recorded: an interruption ends the process (`interrupted: ...`);
     in a sweep, a failed job is logged and the sweep goes on; a single run ends with the
     user's mistake in one line (`error: ...`), or with any other error's traceback."""
-    from mtbert.build import USER_ERRORS
+    from mtbert.errors import USER_ERRORS
     from mtbert.guards import Interrupted
 
     if isinstance(e, Interrupted):

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from mtbert.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 
 
@@ -205,10 +207,6 @@ class ReadOnlyRunDir(RunDir):
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike):
     """Load a safetensors checkpoint into `model` (no pickle involved)."""
     model.load_state_dict(load_file(str(path)))
-
-
-class CheckpointError(RuntimeError):
-    pass
 
 
 MARK = b"\nmtbert-sha256:"  # the trailer: MARK + 64 hex digits of the SHA-256 of what precedes it

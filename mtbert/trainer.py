@@ -18,9 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtbert import distributed
 from mtbert.batching import Batch
-from mtbert.build import ConfigError, Setup, config_key
+from mtbert.build import Setup
+from mtbert.compat import current_state
+from mtbert.config import config_key
 from mtbert.device import autocast
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
+from mtbert.errors import ConfigError
 from mtbert.evaluate import evaluate, format_metrics, selection_score
 from mtbert.guards import Interrupted, NonFiniteLoss, NonFiniteWatch, StopSignals, nonfinite_tasks
 from mtbert.meters import Clock, Every, LossMeter, duration
@@ -437,8 +440,8 @@ class Trainer:
             stream.load_state_dict(state["streams"][t])
         s.sampler.load_state_dict(state["sampler"])
         s.gradient.load_state_dict(state["gradient"])
-        s.weighting.load_state_dict(state.get("weighting", {}))  # absent before the weighting group
-        s.regularizer.load_state_dict(state.get("regularizer", {}))  # absent before the regularizer group
+        s.weighting.load_state_dict(state["weighting"])
+        s.regularizer.load_state_dict(state["regularizer"])
         if s.scaler is not None:
             s.scaler.load_state_dict(state["scaler"])
         self.draws.set_state(state["rng"]["draws"])
@@ -450,8 +453,10 @@ class Trainer:
         self.run.save_checkpoint(self.state_dict(), "last")
 
     def resume(self, path: Path):
-        state = load_checkpoint(path)
-        check_resumable(state, path, self.cfg, self.setup.files, self.setup.tokenizer_digest)
+        s = self.setup
+        state = current_state(load_checkpoint(path), {"gradient": s.gradient, "weighting": s.weighting,
+                                                      "regularizer": s.regularizer}, s.tokenizer_digest)
+        check_resumable(state, path, self.cfg, s.files, s.tokenizer_digest)
         self.load_state_dict(state)
         log.info("resumed at step %d of %d", self.step, self.total_steps)
 

@@ -183,7 +183,7 @@ class Scalarized(Weighting):
 
     def load_state_dict(self, state):
         load_torchjd_state(self.scalarizer, state)
-        self.steps = int(state.get("steps", 0))  # absent before weighting.period
+        self.steps = int(state["steps"])
 
 
 class GradNorm(Weighting):

@@ -114,7 +114,7 @@ def test_synthetic_data_has_the_real_files_lengths(tmp_path):
     """A step's cost follows its lengths: about 25 tokens an SST sentence, 30 a Quora pair
     cross-encoded, 14 an STS sentence (the real files' means), and every file reads."""
     from mtbert.batching import encode
-    from mtbert.build import declared_tasks
+    from mtbert.config import declared_tasks
     from mtbert.data import RejectedRows, read_split
     from mtbert.model import load_tokenizer
     from conftest import compose_config

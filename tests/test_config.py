@@ -6,8 +6,9 @@ import pytest
 from hydra.utils import instantiate
 
 from conftest import compose_config
-from mtbert.build import ConfigError, Setup, build_objectives, declared_tasks
-from mtbert.data import DataError
+from mtbert.errors import ConfigError, DataError
+from mtbert.build import Setup
+from mtbert.config import build_objectives, declared_tasks
 from mtbert.rundir import RunDir
 from mtbert.trainer import Trainer
 

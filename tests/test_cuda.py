@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 
 from conftest import compose_config, write_cs224n
-from mtbert.batching import Batch
 from mtbert.rundir import RunDir
 from mtbert.trainer import Trainer
 

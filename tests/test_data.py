@@ -5,7 +5,8 @@ import hashlib
 import pytest
 import torch
 
-from mtbert.data import DataError, RejectedRows, Task, read_split
+from mtbert.errors import DataError
+from mtbert.data import RejectedRows, Task, read_split
 from mtbert.evaluate import score
 
 SST = Task("sst", {"train": "ids-sst-train.csv"}, ["sentence"], "sentiment", classes=5)

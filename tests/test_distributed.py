@@ -65,7 +65,7 @@ def run_train_initial(tmp_path, data_dir, *overrides):
     from mtbert.build import build_network
     cfg = compose_config(*EXACT, *overrides)
     torch.manual_seed(cfg.seed)
-    return build_network(cfg)[2].state_dict()
+    return build_network(cfg).model.state_dict()
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, compose_config, read_results, run_train
 import mtbert.rundir as rundir
-from mtbert.rundir import CheckpointError, load_checkpoint, save_checkpoint
+from mtbert.errors import CheckpointError
+from mtbert.rundir import load_checkpoint, save_checkpoint
 
 
 class Killed(BaseException):
@@ -197,7 +198,7 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, data
 
 
 def test_resume_with_another_tokenizer_refuses(tmp_path, data_dir):
-    from mtbert.build import ConfigError
+    from mtbert.errors import ConfigError
     from mtbert.rundir import RunDir
     from mtbert.trainer import Trainer
     cfg = compose_config(*RUN, data=data_dir, cache=tmp_path / "c")

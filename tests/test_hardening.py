@@ -14,9 +14,10 @@ import torch
 from conftest import ROOT, read_results, run_train
 import mtbert.batching as batching
 import mtbert.rundir as rundir
-from mtbert.data import DataError, RejectedRows, Task, read_split
+from mtbert.errors import CheckpointError, DataError
+from mtbert.data import RejectedRows, Task, read_split
 from mtbert.guards import Interrupted
-from mtbert.rundir import CheckpointError, load_checkpoint, save_checkpoint
+from mtbert.rundir import load_checkpoint, save_checkpoint
 
 SST = Task("sst", {}, ["sentence"], "sentiment", classes=5)
 QUORA = Task("para", {}, ["sentence1", "sentence2"], "is_duplicate", classes=2)

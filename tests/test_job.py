@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import mtbert.job
-from mtbert.build import ConfigError
+from mtbert.errors import ConfigError
 from mtbert.guards import Interrupted
 from mtbert.job import Lifecycle, run_job
 

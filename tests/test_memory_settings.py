@@ -30,11 +30,11 @@ data, cache, out = sys.argv[1:4]
 cfg = schema.compose(["model=tiny", "logger=none", f"data.root={data}", f"data.cache_dir={cache}"],
                      Path(schema.__file__).resolve().parents[1] / "conf")
 torch.manual_seed(cfg.seed)
-tasks, objectives, model, tokenizer = build_network(cfg)
+tasks, objectives, encodings, model, tokenizer = build_network(cfg)
 device, result = torch.device("cpu"), {}
 for name, task in tasks.items():
     rows = read_split(task, Path(data) / task.files["dev"], RejectedRows("skip"), labelled=True)
-    enc = encode(rows, tokenizer, cfg.data.max_length, model.encodings[name] == "siamese", cache)
+    enc = encode(rows, tokenizer, cfg.data.max_length, encodings[name] == "siamese", cache)
     for precision in ("bf16", "fp32"):
         for trim in (True, False):  # the allocator's trim after predict, and without it
             release = evaluate.release_memory

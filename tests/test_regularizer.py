@@ -13,7 +13,9 @@ import test_resume
 from conftest import compose_config, read_results, run_train
 from test_encoders import tiny
 from mtbert.batching import Batch
-from mtbert.build import ConfigError, build, current_terms
+from mtbert.errors import ConfigError
+from mtbert.config import build
+from mtbert.compat import current_terms
 from mtbert.regularizer import Smart
 from mtbert.rundir import RunDir, load_checkpoint
 from mtbert.trainer import Trainer

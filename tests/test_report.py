@@ -221,7 +221,7 @@ def test_two_single_runs_get_a_paired_bootstrap_over_dev_examples(tmp_path, data
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from mtbert.build import declared_tasks
+    from mtbert.config import declared_tasks
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         tasks = declared_tasks(compose("train", overrides=["model=tiny"]))

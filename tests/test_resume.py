@@ -16,8 +16,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from conftest import ROOT, read_results, run_train
-from mtbert.rundir import CheckpointError, RunDir, load_checkpoint, save_checkpoint
-from mtbert.build import current_terms
+from mtbert.errors import CheckpointError
+from mtbert.rundir import RunDir, load_checkpoint, save_checkpoint
+from mtbert.compat import current_terms
 from mtbert.guards import NonFiniteLoss
 from mtbert.predict import load_best
 from mtbert.trainer import Trainer

@@ -11,7 +11,7 @@ from conftest import compose_config, read_results, run_train, write_cs224n
 import mtbert.trainer
 from mtbert.data import RejectedRows, read_split
 from mtbert.data.holdout import held_out_size, hold_out
-from mtbert.build import declared_tasks
+from mtbert.config import declared_tasks
 from mtbert.rundir import RunDir
 from mtbert.trainer import Trainer
 
@@ -140,7 +140,7 @@ def test_every_run_records_its_provenance(tmp_path, data_dir):
 def test_a_run_from_before_the_split_resumes_choosing_on_dev(tmp_path, data_dir):
     """An older run's config has no data.validation: it resumes as it began, choosing on dev."""
     from omegaconf import OmegaConf
-    from mtbert.build import current_terms
+    from mtbert.compat import current_terms
     cfg = compose_config(*SMOKE, data=data_dir)
     saved = OmegaConf.create(OmegaConf.to_container(cfg))
     del saved.data["validation"]

@@ -19,7 +19,9 @@ from conftest import compose_config, read_results, run_train
 from test_encoders import tiny
 from mtbert.analyze import analyze
 from mtbert.batching import Batch
-from mtbert.build import ConfigError, build_network, current_terms
+from mtbert.errors import ConfigError
+from mtbert.build import build_network
+from mtbert.compat import current_terms
 from mtbert.job import run_job
 from mtbert.rundir import RunDir
 from mtbert.schema import UnknownKeyError, compose
@@ -48,7 +50,7 @@ OWN = {"hard": lambda n, t: False,
 def test_what_each_option_shares_by_hand(option, data_dir):
     cfg = compose_config("model=tiny", f"sharing={option}", data=data_dir)
     torch.manual_seed(cfg.seed)
-    _, _, model, tokenizer = build_network(cfg)
+    model, tokenizer = build_network(cfg)[3:]
     every = {n for n, _ in model.named_parameters()}
     own = {t: names(model, params) for t, params in model.task_parameters().items()}
     for t in TASKS:
@@ -62,7 +64,7 @@ def test_what_each_option_shares_by_hand(option, data_dir):
     assert layers == ({"0"} if option == "top_layers" else {"0", "1"}), "the copied top layer is not kept twice"
     if option == "top_layers":  # each copy starts from the pretrained layer
         torch.manual_seed(cfg.seed)
-        hard = build_network(compose_config("model=tiny", data=data_dir))[2].state_dict()
+        hard = build_network(compose_config("model=tiny", data=data_dir)).model.state_dict()
         for t in TASKS:
             for key, value in model.sharing.layers[t][0].state_dict().items():
                 assert torch.equal(value, hard[f"encoder.encoder.layer.1.{key}"])
@@ -178,7 +180,7 @@ def test_a_config_saved_before_the_group_means_hard_sharing(data_dir):
     with open_dict(cfg):
         del cfg["sharing"]
     torch.manual_seed(0)
-    model = build_network(current_terms(cfg))[2]
+    model = build_network(current_terms(cfg)).model
     assert type(model.sharing).__name__ == "HardSharing"
     assert not any(k.startswith("sharing.") for k in model.state_dict())
 

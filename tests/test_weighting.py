@@ -11,7 +11,8 @@ from torch import nn
 from torchjd.scalarization import DWA, FAMO, UW
 
 from conftest import compose_config, write_cs224n
-from mtbert.build import ConfigError, Setup
+from mtbert.errors import ConfigError
+from mtbert.build import Setup
 from mtbert.rundir import RunDir
 from mtbert.trainer import train
 from mtbert.weighting import GradNorm, Scalarized

@@ -56,10 +56,12 @@ from mtbert import schema
 from mtbert.bench import publish
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
+from mtbert.errors import USER_ERRORS
 from mtbert.evaluate import evaluate
 from mtbert.memory import release_memory
 from mtbert.rundir import RunDir, read_events
-from mtbert.build import USER_ERRORS, build_network, param_groups, row_limit
+from mtbert.build import build_network, param_groups
+from mtbert.config import row_limit
 from mtbert.trainer import Trainer
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -129,7 +131,7 @@ class NaiveLoop:
     def __init__(self, cfg, train_tasks: list[str], device: torch.device, update: str = "combined"):
         self.update = update
         torch.manual_seed(cfg.seed)
-        self.tasks, self.objectives, self.model, self.tokenizer = build_network(cfg)
+        self.tasks, self.objectives, self.encodings, self.model, self.tokenizer = build_network(cfg)
         self.model.to(device).train()
         # mtbert's AdamW settings, in torch's default (foreach) implementation
         self.optimizer = instantiate(cfg.optim.optimizer, fused=False)(param_groups(self.model, cfg.optim.lr,
@@ -146,9 +148,9 @@ class NaiveLoop:
     def tokenize(self, task: str, index: torch.Tensor) -> Batch:
         split, rows = self.splits[task], index.tolist()
         texts = [[column[i] for i in rows] for column in split.texts]
-        if self.model.encodings[task] == "siamese":
+        if self.encodings[task] == "siamese":
             texts = [texts[0] + texts[1]]
-        cross = self.model.encodings[task] == "cross"
+        cross = self.encodings[task] == "cross"
         out = self.tokenizer(*texts, padding=True, truncation=True, max_length=self.max_length,
                              return_tensors="pt", return_token_type_ids=cross)
         labels = torch.tensor([split.labels[i] for i in rows], dtype=torch.float32)
@@ -172,7 +174,7 @@ class BareStep:
 
     def __init__(self, cfg, device: torch.device, precision: str, streams: dict):
         torch.manual_seed(cfg.seed)
-        self.tasks, self.objectives, self.model, _ = build_network(cfg)
+        self.tasks, self.objectives, _, self.model, _ = build_network(cfg)
         self.model.to(device).train()
         if cfg.trainer.compile:
             self.model.compile_encoder()

@@ -25,6 +25,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mtbert.errors import DataError
+
 log = logging.getLogger(__name__)
 
 DATA_HELP = (
@@ -36,10 +38,6 @@ DATA_HELP = (
 
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
-
-class DataError(ValueError):
-    """A data file or row that cannot be used, with where and why."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from mtbert.data import DataError, RejectedRows, Task, read_split
+from mtbert.data import RejectedRows, Task, read_split
+from mtbert.errors import DataError
 
 STARTER = "https://raw.githubusercontent.com/gpoesia/minbert-default-final-project/main/data"
 DECLARATIONS = Path(__file__).resolve().parents[2] / "conf" / "data" / "cs224n.yaml"

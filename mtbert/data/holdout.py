@@ -14,7 +14,8 @@ import math
 from collections.abc import Mapping
 from dataclasses import replace
 
-from mtbert.data import DataError, Split
+from mtbert.data import Split
+from mtbert.errors import DataError
 
 
 def held_out_size(setting, task: str, rows: int) -> int:

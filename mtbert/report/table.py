@@ -13,8 +13,7 @@ from omegaconf import OmegaConf
 
 from mtbert import claims as claims_module
 from mtbert import stats
-from mtbert.evaluate import PAPER_METRICS
-from mtbert.paper import PAPER, PAPER_KEYS
+from mtbert.paper import PAPER, PAPER_KEYS, PAPER_METRICS
 from mtbert.predict import read_predictions
 from mtbert.report.runs import MADE_WITH, Job, running_note
 
@@ -164,7 +163,7 @@ def bootstrap_runs(run_a: Path, run_b: Path, data_root: str | None) -> dict | st
     """The paired bootstrap over dev examples of two runs, from their prediction files
     (`python -m mtbert.predict RUN --splits dev`); a reason when they have none."""
     from mtbert.data import RejectedRows, read_split
-    from mtbert.build import declared_tasks
+    from mtbert.config import declared_tasks
 
     files = {}
     for run in (run_a, run_b):
