@@ -75,6 +75,38 @@ def test_matmul_peak_stops_growing_at_the_first_long_product(monkeypatch):
     assert sizes == [(256, 256)] * 2
 
 
+def test_bench_counts_what_a_sharing_option_and_smart_run(tmp_path, data_dir, monkeypatch):
+    """N is what one task's forward runs, asked of the sharing option, not `model.encoder`'s
+    parameters; SMART's extra passes are in its FLOPs per token."""
+    monkeypatch.setenv("MTBERT_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("MTBERT_CACHE_DIR", str(tmp_path / "cache"))
+    variants = ["sharing=top_layers", "sharing=lora", "regularizer=smart regularizer.bregman=0.5"]
+    r = speed.main(["--model", "tiny", "--device", "cpu", "--precision", "fp32", "--batch-size", "4",
+                    "--steps", "1", "--warmup", "0", "--rounds", "1", "--no-eval", "--no-memory",
+                    *[a for v in variants for a in ("--variant", v)]])
+    v = {name.removeprefix("mtbert ").removeprefix("adam "): v for name, v in r["variants"].items()}
+    # by hand: conf/model/tiny.yaml's 2 BERT layers, hidden 64, feed-forward 128
+    layer = 4 * (64 * 64 + 64) + (64 * 128 + 128) + (128 * 64 + 64) + 2 * 2 * 64
+    adapters = 2 * 3 * 8 * (64 + 64)  # one task's: 2 layers x query, key, value x rank 8 (A and B)
+    assert r["layer_params"] == v["adam"]["layer_params"] == v["naive"]["layer_params"] == 2 * layer
+    assert v["adam"]["flops_per_token"] == v["pcgrad"]["flops_per_token"] == 6 * 2 * layer
+    # k=1: one shared layer (all model.encoder holds now) and the task's own copy
+    assert v["sharing=top_layers"]["layer_params"] == 2 * layer
+    assert v["sharing=top_layers"]["flops_per_token"] == 6 * 2 * layer
+    # the frozen base and one task's adapters (not all three tasks'); no weight gradient for the base
+    assert v["sharing=lora"]["layer_params"] == 2 * layer + adapters
+    assert v["sharing=lora"]["flops_per_token"] == 4 * (2 * layer + adapters) + 2 * adapters
+    # a plain step (6N), an ascent step (4N), the term (6N) and the EMA teacher's forward (2N)
+    smart = v["regularizer=smart regularizer.bregman=0.5"]
+    assert smart["layer_params"] == 2 * layer and smart["flops_per_token"] == 18 * 2 * layer
+    same_batches = v["adam"]["rounds"]["tokens"]
+    assert all(x["rounds"]["tokens"] == same_batches for x in v.values() if x is not v["naive"])
+    assert set(r["ratios"]) >= {f"speedup_vs {x}" for x in variants}
+    report = speed.markdown(r)
+    lora = 2 * layer + adapters
+    assert f"| mtbert adam sharing=lora | fp32 | {lora:,} | {(4 * lora + 2 * adapters) / lora:.1f}N |" in report
+
+
 @pytest.fixture
 def naive_loop(data_dir, tmp_path):
     cfg = compose_config("model=tiny", "logger=none", "data.batch_size=4", data=data_dir, cache=tmp_path / "c")

@@ -25,10 +25,14 @@ every ratio is taken within a round, then its median.
 
 Counting: sentences are encoder input sequences, as the trainer's log counts them (a
 siamese pair is two, a cross-encoded pair one); tokens are non-pad tokens. Model FLOPs
-are 6 * N * tokens per training step and 2 * N * tokens in evaluation, N the encoder's
-transformer-layer parameters (embeddings are lookups, pooler and heads act once per
-sentence, attention scores add about 1% at these lengths: all left out). Utilisation
-(MFU) is that rate over the fastest of a few large matmuls timed here in the same precision.
+are 6 * N * tokens per training step and 2 * N * tokens in evaluation, N the
+transformer-layer parameters one task's forward runs (its `sharing` option's: top_layers'
+shared layers and the task's copies, lora's base and the task's adapters), less 2 * tokens
+per parameter that does not train (lora's frozen base: no weight gradient), plus SMART's
+extra forwards and backwards (`step_flops`); embeddings are lookups, pooler, shared layer
+(MMoE's experts) and heads act once per sentence, attention scores add about 1% at these
+lengths: all left out. Utilisation (MFU) is that rate over the fastest of a few large
+matmuls timed here in the same precision.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.errors import USER_ERRORS
 from mtbert.evaluate import evaluate
 from mtbert.memory import release_memory
+from mtbert.regularizer import Smart
 from mtbert.rundir import RunDir, read_events
 from mtbert.build import build_network, param_groups
 from mtbert.config import row_limit
@@ -108,10 +113,32 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return best
 
 
-def layer_params(model) -> int:
-    """N of the FLOPs formula: the encoder's parameters outside embeddings and pooler."""
-    return sum(p.numel() for n, p in model.encoder.named_parameters()
-               if not n.startswith(("embeddings.", "pooler.")))
+def layer_params(model, task: str | None = None) -> list[torch.nn.Parameter]:
+    """The parameters of N in the FLOPs formula: the transformer layers one task's forward
+    runs (the first task's by default), asked of the sharing option, since it is not always
+    `model.encoder`: top_layers runs the shared layers then the task's own copies, lora has
+    every task's adapters in the encoder but runs the task's alone. Embeddings and pooler
+    are left out; every option gives each task's forward as many."""
+    task = task or next(iter(model.heads))
+    others = {id(p) for t, params in model.task_parameters().items() if t != task for p in params}
+    return [p for n, p in model.sharing.encoder(model, task).named_parameters()
+            if not n.startswith(("embeddings.", "pooler.")) and id(p) not in others]
+
+
+def step_flops(runner) -> tuple[int, int]:
+    """(N, model FLOPs per token of a training step). A plain step costs 2 FLOPs per
+    parameter for the forward, 2 for the input's gradient and 2 for the weight's where the
+    parameter trains: 6N with all of it trained, less with a frozen base (lora). SMART does
+    more per task and step, and its extra passes are counted: each ascent step a forward and
+    a backward to the noise alone (4N), its term a forward and a full backward (4N + 2 per
+    trained parameter), the Bregman teacher a forward (2N)."""
+    params = layer_params(runner.model)
+    n, trained = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    flops = 4 * n + 2 * trained
+    smart = getattr(runner, "regularizer", None)
+    if isinstance(smart, Smart):
+        flops += smart.steps * 4 * n + 4 * n + 2 * trained + (2 * n if smart.bregman else 0)
+    return n, flops
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
@@ -205,7 +232,7 @@ class MtbertStep:
     def __init__(self, cfg, run_dir: Path):
         self.trainer = Trainer(cfg, RunDir(run_dir))
         s = self.trainer.setup
-        self.model, self.precision, self.tasks = s.model, s.precision, s.train_tasks
+        self.model, self.precision, self.tasks, self.regularizer = s.model, s.precision, s.train_tasks, s.regularizer
         self.model.train()
 
     def step(self) -> list[Batch]:
@@ -243,10 +270,11 @@ class Timing:
     def rate(self, i: int) -> float:
         return self.sentences[i] / self.seconds[i]
 
-    def summary(self, steps: int, layer_n: int, peak: float) -> dict:
-        flops = [6 * layer_n * tok / sec for tok, sec in zip(self.tokens, self.seconds)]
+    def summary(self, steps: int, peak: float) -> dict:
+        layer_n, per_token = step_flops(self.runner)
+        flops = [per_token * tok / sec for tok, sec in zip(self.tokens, self.seconds)]
         return {
-            "precision": self.runner.precision,
+            "precision": self.runner.precision, "layer_params": layer_n, "flops_per_token": per_token,
             "sentences_per_s": statistics.median(self.rate(i) for i in range(len(self.seconds))),
             "tokens_per_s": statistics.median(t / s for t, s in zip(self.tokens, self.seconds)),
             "step_seconds": statistics.median(s / steps for s in self.seconds),
@@ -309,7 +337,9 @@ def memory_of(args, name: str) -> dict:
     variant built, then as many steps as it takes in the bench (warmup, then every round);
     `eval`: mtbert adam's model built and the full dev evaluation. `bare` takes adam's
     batch streams from a helper that is freed (and the peak reset, on Linux) before bare
-    is built."""
+    is built. Otherwise the peak (VmHWM) counts from the child's start, so whatever setup
+    allocates counts too: SMART's EMA teacher (`regularizer.bregman` > 0), every task's
+    top layers or adapters."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
@@ -426,7 +456,7 @@ def run(args) -> dict:
                 overrides, folder = specs[name]
                 runner = MtbertStep(config(*overrides), Path(tmp) / folder)
             variants[name] = Timing(runner)
-        layer_n = layer_params(adam.model)
+        layer_n = sum(p.numel() for p in layer_params(adam.model))  # eval's N: mtbert adam's
         used = {precision, *(v.runner.precision for v in variants.values())}
         peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
         for r in range(args.rounds + 1):  # round 0 is the warmup
@@ -444,7 +474,7 @@ def run(args) -> dict:
                                "compile": args.compile, "tasks": adam.tasks, "overrides": args.override,
                                "naive_update": args.naive_update},
                   "layer_params": layer_n, "matmul_peak_flops": peaks,
-                  "variants": {n: v.summary(args.steps, layer_n, peaks[v.runner.precision])
+                  "variants": {n: v.summary(args.steps, peaks[v.runner.precision])
                                for n, v in variants.items()}}
         result["ratios"] = ratios(variants, precision, other, args.variant)
         if args.eval:
@@ -562,19 +592,22 @@ def markdown(r: dict) -> str:
         f"of {s['steps']} steps after {s['warmup']} warmup step(s); medians over rounds. The naive "
         f"loop's AdamW update: {s['naive_update']}.", "",
         "Matmul peak: " + ", ".join(f"{p} {f / 1e12:.3f} TFLOP/s" for p, f in peaks.items())
-        + "; model FLOPs 6 * N * tokens (training), 2 * N * tokens (eval), "
-        f"N = {r['layer_params']:,}.", "",
-        "| variant | precision | sentences/s | tokens/s | s/step | MFU |",
-        "|---|---|---:|---:|---:|---:|",
+        + "; model FLOPs per token of a training step: 6N, N the transformer-layer parameters one "
+        "task's forward runs (its sharing option's), less 2 per parameter that does not train "
+        "(a frozen base); SMART's extra passes counted (per ascent step 4N, its term 4N + 2 per "
+        f"trained parameter, the Bregman teacher 2N); eval 2 * N * tokens, N = {r['layer_params']:,}.", "",
+        "| variant | precision | N | FLOPs/token | sentences/s | tokens/s | s/step | MFU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, v in r["variants"].items():
-        lines.append(f"| {name} | {v['precision']} | {v['sentences_per_s']:.1f} | {v['tokens_per_s']:.0f} "
-                     f"| {v['step_seconds']:.3f} | {v['mfu']:.1%} |")
+        per_n = v["flops_per_token"] / v["layer_params"]
+        lines.append(f"| {name} | {v['precision']} | {v['layer_params']:,} | {per_n:.1f}N | {v['sentences_per_s']:.1f} "
+                     f"| {v['tokens_per_s']:.0f} | {v['step_seconds']:.3f} | {v['mfu']:.1%} |")
     if "eval" in r:
         e = r["eval"]
         lines.append(f"| eval (full dev, {sum(e['examples'].values()):,} examples) | {s['precision']} "
-                     f"| {e['sentences_per_s']:.1f} | {e['tokens_per_s']:.0f} | {e['seconds']:.1f} s total "
-                     f"| {e['mfu']:.1%} |")
+                     f"| {r['layer_params']:,} | 2.0N | {e['sentences_per_s']:.1f} | {e['tokens_per_s']:.0f} "
+                     f"| {e['seconds']:.1f} s total | {e['mfu']:.1%} |")
     lines += ["", "| ratio (median of per-round ratios) | value | target | met |", "|---|---:|---|---|"]
     for k, value in target_values(r).items():
         t = r["targets"].get(k, {"target": "", "met": None})
