@@ -148,7 +148,7 @@ class Setup:
         with config_key("sampler", cfg.sampler):
             self.sampler.check(self.train_tasks)
         self.schedule = build(cfg, "schedule")
-        self.gradient = build(cfg, "optim.gradient", seed=cfg.seed, tasks=len(self.train_tasks))
+        self.gradient = build(cfg, "optim.gradient", seed=cfg.seed, tasks=self.train_tasks)
         self.weighting = build(cfg, "weighting", tasks=self.train_tasks)
         self.regularizer = build(cfg, "regularizer", tasks=self.train_tasks, seed=cfg.seed)
         check_every_task(self.sampler, self.train_tasks, {"optim": self.gradient, "weighting": self.weighting})

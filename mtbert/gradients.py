@@ -121,14 +121,14 @@ class GradientMethod:
 
     A subclass says how it combines the task gradients (`combine`) and on which steps that
     is just their sum (`sums`), for which one backward of the summed loss is enough.
-    `seed` is the run seed, for methods that make random choices; `tasks` the number of
-    training tasks. `every_task`: the method needs every task's loss in each step.
+    `seed` is the run seed, for methods that make random choices; `tasks` the training
+    tasks' names, as a loss weighting gets them. `every_task`: the method needs every task's loss in each step.
     """
 
     every_task = True
 
-    def __init__(self, seed: int = 0, tasks: int = 0):
-        """Every method is built with the run's seed and its number of training tasks
+    def __init__(self, seed: int = 0, tasks: list[str] = ()):
+        """Every method is built with the run's seed and its training tasks
         (`mtbert.build.Setup`); a method keeps what it needs of them."""
 
     @property
@@ -234,7 +234,7 @@ class PCGrad(GradientMethod):
     never waits for a GPU.
     """
 
-    def __init__(self, reduction: str = "sum", seed: int = 0, tasks: int = 0):
+    def __init__(self, reduction: str = "sum", seed: int = 0, tasks: list[str] = ()):
         if reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be 'sum' or 'mean', got {reduction!r}")
         self.reduction = reduction
@@ -275,10 +275,10 @@ class Aggregated(GradientMethod):
     applied to the matrix of task gradients, as in Jacobian descent. An aggregator given
     partial is built here, with `n_tasks` when it asks for it (Nash-MTL)."""
 
-    def __init__(self, aggregator, seed: int = 0, tasks: int = 0):
+    def __init__(self, aggregator, seed: int = 0, tasks: list[str] = ()):
         if not isinstance(aggregator, nn.Module):
             takes_tasks = "n_tasks" in inspect.signature(aggregator).parameters
-            aggregator = aggregator(n_tasks=tasks) if takes_tasks else aggregator()
+            aggregator = aggregator(n_tasks=len(tasks)) if takes_tasks else aggregator()
         self.aggregator = aggregator
 
     @property

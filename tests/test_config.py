@@ -31,7 +31,7 @@ def test_every_option_composes_and_builds(group, option):
     build_objectives(cfg, tasks)
     instantiate(cfg.sampler)
     instantiate(cfg.schedule)
-    instantiate(cfg.optim.gradient, tasks=len(tasks))
+    instantiate(cfg.optim.gradient, tasks=list(tasks))
     instantiate(cfg.weighting, tasks=list(tasks))
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import torch
 
+from mtbert.paper import PAPER_KEYS, label
 from mtbert.rundir import atomic, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,10 +411,10 @@ def time_variant(check: Check, speed, overrides: list[str], name: str, v: dict):
     v["warmup_s"] = round(time.monotonic() - start, 2)
     for _ in range(a.rounds):
         timing.run(a.steps, device)
-    layer_n = speed.layer_params(step.model)
-    summary = timing.summary(a.steps, layer_n, check.peaks.get(step.precision, math.nan))
-    v.update({k: summary[k] for k in ("precision", "step_seconds", "sentences_per_s", "tokens_per_s", "mfu")},
-             tokens_per_sentence=sum(timing.tokens) / max(sum(timing.sentences), 1), layer_params=layer_n,
+    summary = timing.summary(a.steps, check.peaks.get(step.precision, math.nan))
+    v.update({k: summary[k] for k in ("precision", "step_seconds", "sentences_per_s", "tokens_per_s", "mfu",
+                                      "layer_params", "flops_per_token")},
+             tokens_per_sentence=sum(timing.tokens) / max(sum(timing.sentences), 1),
              peak_memory_mb=speed.peak_memory_mb(device), working_mb=summary.get("working_mb"),
              rounds=summary["rounds"], optimizer_fused=bool(step.trainer.setup.optimizer.defaults.get("fused")))
     if math.isnan(summary["mfu"]):
@@ -538,11 +539,10 @@ def short_run_md(p: dict) -> list[str]:
         lines += ["", f"Status {res['status']}, {res['steps']} steps on {res['device']} in {res['precision']}, "
                       f"{fmt(res['train_seconds'], '.0f')} s of training, {fmt(p.get('sentences_per_s'), '.0f')} "
                       f"sentences/s, {res['overflow_steps']} fp16 overflow(s).", ""]
-        lines += ["| dev | SST acc | Quora acc | STS r | mean |", "|---|---:|---:|---:|---:|"]
+        lines += ["| dev | " + " | ".join(map(label, PAPER_KEYS)) + " |", "|---|" + "---:|" * len(PAPER_KEYS)]
         for which in ("dev", "dev_last"):
             d = res.get(which) or {}
-            lines.append(f"| {which} | " + " | ".join(fmt(d.get(k)) for k in ("sst_acc", "para_acc", "sts_pearson",
-                                                                                "mean")) + " |")
+            lines.append(f"| {which} | " + " | ".join(fmt(d.get(k)) for k in PAPER_KEYS) + " |")
     if p.get("status") not in (None, "ok"):
         lines += ["", "```", p["output_tail"][-2500:].rstrip(), "```"]
     return lines

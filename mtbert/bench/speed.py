@@ -63,6 +63,7 @@ from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.errors import USER_ERRORS
 from mtbert.evaluate import evaluate
 from mtbert.memory import release_memory
+from mtbert.paper import PAPER_KEYS, label
 from mtbert.regularizer import Smart
 from mtbert.rundir import RunDir, read_events
 from mtbert.build import build_network, param_groups
@@ -616,12 +617,12 @@ def markdown(r: dict) -> str:
     if "short_run" in r:
         lines += ["", f"Short real run: {r['short_run']['steps']} steps from the same initial weights; "
                   "dev scores of the final weights:", "",
-                  "| run | steps | training s | sentences/s | SST acc | Quora acc | STS r | mean |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| run | steps | training s | sentences/s | " + " | ".join(map(label, PAPER_KEYS)) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * len(PAPER_KEYS)]
         for name in ("mtbert", "naive", "naive, mtbert's time"):
             v, d = r["short_run"][name], r["short_run"][name]["dev"]
             cells = " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}"
-                               for k in ("sst_acc", "para_acc", "sts_pearson", "mean"))
+                               for k in PAPER_KEYS)
             lines.append(f"| {name} | {v['steps']} | {v['train_seconds']:.0f} | {v['sentences_per_s']:.1f} | {cells} |")
     if "memory_per_variant" in r:
         lines += ["", "Peak memory of each variant alone, in its own process (built, then its warmup and "
