@@ -113,7 +113,8 @@ def loss_weights(cfg: DictConfig, tasks: dict[str, Task], train_tasks: list[str]
 
 
 class Setup:
-    """The run's components, all validated: its methods, network, device, optimizer and data."""
+    """The run's components, all validated before the first step: its methods, network,
+    device, optimizer, data and plan (its length in steps and its evaluation points)."""
 
     def __init__(self, cfg: DictConfig, run: RunDir):
         self.cfg, self.run = cfg, run
@@ -138,6 +139,30 @@ class Setup:
                           cfg.trainer.bucket_batches, self.tokenizer.pad_token_id,
                           distributed.rank(), distributed.world_size())
             for t in self.train_tasks}
+        self._plan(cfg)
+
+    def _plan(self, cfg: DictConfig):
+        """The run's length in optimizer steps (`trainer.epochs` of the sampler's plan, cut by
+        `max_steps` or `max_examples`) and its evaluation points, and the checks that need
+        them: a run with no step, a weighting that needs more (`weighting.check`)."""
+        tcfg = cfg.trainer
+        self.sizes = {t: len(self.streams[t]) for t in self.train_tasks}
+        self.steps_per_epoch = self.sampler.steps_per_epoch(self.sizes)
+        self.total_steps = tcfg.epochs * self.steps_per_epoch
+        if tcfg.max_steps is not None:
+            self.total_steps = min(self.total_steps, tcfg.max_steps)
+        # a step holds one batch of every training task, or of one: examples as steps, alike for every sampler
+        step_examples = cfg.data.batch_size * (len(self.train_tasks) if self.sampler.every_task else 1)
+        if tcfg.max_examples is not None:
+            self.total_steps = min(self.total_steps, math.ceil(tcfg.max_examples / step_examples))
+        if self.total_steps < 1:
+            raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
+        with config_key("weighting", cfg.weighting):
+            self.weighting.check(self.total_steps, self.steps_per_epoch)
+        self.eval_every_steps = tcfg.eval_every_steps
+        if tcfg.eval_every_examples is not None:
+            self.eval_every_steps = math.ceil(tcfg.eval_every_examples / step_examples)
+        self.eval_every = math.ceil(self.steps_per_epoch / tcfg.evals_per_epoch)
 
     def _build_methods(self, cfg: DictConfig):
         """The study's choices, built and checked before the model loads: the sampler and the

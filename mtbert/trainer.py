@@ -20,10 +20,8 @@ from mtbert import distributed
 from mtbert.batching import Batch
 from mtbert.build import Setup
 from mtbert.compat import current_state
-from mtbert.config import config_key
 from mtbert.device import autocast
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
-from mtbert.errors import ConfigError
 from mtbert.evaluate import evaluate, format_metrics, selection_score
 from mtbert.guards import Interrupted, NonFiniteLoss, NonFiniteWatch, StopSignals, nonfinite_tasks
 from mtbert.meters import Clock, Every, LossMeter, duration
@@ -47,25 +45,10 @@ class Trainer:
         s = self.setup = Setup(cfg, run)
         self.streams = s.streams
         self.draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
-        self.sizes = {t: len(self.streams[t]) for t in s.train_tasks}
-        self.steps_per_epoch = s.sampler.steps_per_epoch(self.sizes)
-        self.total_steps = self.tcfg.epochs * self.steps_per_epoch
-        if self.tcfg.max_steps is not None:
-            self.total_steps = min(self.total_steps, self.tcfg.max_steps)
-        # a step holds one batch of every training task, or of one: examples as steps, alike for every sampler
-        step_examples = cfg.data.batch_size * (len(s.train_tasks) if s.sampler.every_task else 1)
-        if self.tcfg.max_examples is not None:
-            self.total_steps = min(self.total_steps, math.ceil(self.tcfg.max_examples / step_examples))
-        if self.total_steps < 1:
-            raise ConfigError("the run has no optimizer steps: check trainer.epochs and trainer.max_steps")
-        with config_key("weighting", cfg.weighting):
-            s.weighting.check(self.total_steps, self.steps_per_epoch)
-        self.eval_every_steps = self.tcfg.eval_every_steps
-        if self.tcfg.eval_every_examples is not None:
-            self.eval_every_steps = math.ceil(self.tcfg.eval_every_examples / step_examples)
+        self.sizes, self.steps_per_epoch, self.total_steps = s.sizes, s.steps_per_epoch, s.total_steps
+        self.eval_every_steps, self.eval_every = s.eval_every_steps, s.eval_every
         # what chooses the checkpoint: the held-out rows of the training files, or the dev sets themselves
         self.selected_on = "validation" if s.validation else "dev"
-        self.eval_every = math.ceil(self.steps_per_epoch / self.tcfg.evals_per_epoch)
         self.scheduler = s.schedule.lr_scheduler(s.optimizer, self.total_steps)
         # what more than one task reaches goes to the gradient method; a task's own (its head, and
         # its own layers, adapter or gate with `sharing`) gets that task's gradient alone
@@ -211,7 +194,8 @@ class Trainer:
         """Steps until the plan ends, `trainer.max_seconds` passes or a signal comes. What a
         rank's clock or signals decide (log, save, stop, time up) is agreed by every rank in
         one all-reduce per step, since each of them leads to a collective (a gather of the
-        ranks' generators, an evaluation's broadcast)."""
+        ranks' generators, an evaluation's broadcast). Longer than 40 lines on purpose: a
+        step's decisions and the run's end are read top to bottom, in the order they happen."""
         s = self.setup
         log.info("training %s on %s (%s): %d steps, %d per epoch; batches per pass %s; checkpoint chosen on %s",
                  "+".join(s.train_tasks), s.device, s.precision, self.total_steps,

@@ -147,7 +147,9 @@ def read_split(task: Task, path: Path, rejected: RejectedRows, labelled: bool,
     The whole file is always validated, so every bad row is counted (and with
     `bad_rows=error` stops the run) even when `limit` keeps only the first valid rows
     (for quick runs). A repeated id is a bad row, since prediction files are keyed by id.
-    A row is named by its first line; blank lines are not rows.
+    A row is named by its first line; blank lines are not rows. One pass over the file,
+    each row's fate decided where it is read, so over 40 lines: split, a row's checks
+    would need the reader's state (line numbers, ids seen, the kept count) handed around.
     """
     text, digest = read_text(path)
     ids, texts, labels = [], [[] for _ in task.sentences], []
