@@ -120,7 +120,7 @@ class Setup:
         self.cfg, self.run = cfg, run
         check_trainer(cfg.trainer)
         self.files = {}  # task -> split -> the file read: path, rows read, kept, skipped, sha256
-        data_files(cfg)  # every file there, before the model loads
+        self.paths = data_files(cfg)  # (split, task, path) of every file it reads, there before the model loads
         self._build_methods(cfg)
         torch.manual_seed(cfg.seed)
         self.network = build_network(cfg)
@@ -215,7 +215,7 @@ class Setup:
         rejected = RejectedRows(cfg.bad_rows)
         train, validation, dev = {}, {}, {}
         try:
-            for split, task, path in data_files(self.cfg, self.train_tasks):
+            for split, task, path in self.paths:
                 held = None
                 if split == "train":
                     rows = read_split(task, path, rejected, labelled=True)

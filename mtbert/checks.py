@@ -57,7 +57,7 @@ def check_pair_encodings(cfg: DictConfig, objectives: dict):
                               f"a loss without a cosine head (loss=baseline)")
 
 
-def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tuple[str, Task, Path]]:
+def data_files(cfg: DictConfig) -> list[tuple[str, Task, Path]]:
     """(split, task, path) of every file a run reads: the training tasks' train files (and,
     with `data.validation`, those of the evaluated tasks, whose held-out rows choose the
     checkpoint) and the evaluated tasks' dev files. Checks, before anything heavy loads, that each is there."""
@@ -66,7 +66,7 @@ def data_files(cfg: DictConfig, train_tasks: list[str] | None = None) -> list[tu
         what = "is a file, not a folder" if root.is_file() else "is not a directory"
         raise DataError(f"data.root={root} {what}. {DATA_HELP}")
     tasks = declared_tasks(cfg)
-    train_tasks = train_tasks or OmegaConf.select(cfg, "sampler.tasks") or list(tasks)
+    train_tasks = list(OmegaConf.select(cfg, "sampler.tasks") or tasks)
     check_task_names(train_tasks, tasks, "sampler.tasks")
     evaluated = evaluated_tasks(cfg)
     left_out = [t for t in train_tasks if t not in evaluated]
