@@ -432,14 +432,19 @@ class Trainer:
         self.epoch_draws = state["rng"]["epoch_draws"]
         restore_rank_generators(state["rng"])
 
+    def restate(self, state: dict) -> dict:
+        """A checkpoint of an earlier mtbert in today's format (`mtbert.compat.current_state`)."""
+        s = self.setup
+        return current_state(state, {"gradient": s.gradient, "weighting": s.weighting, "regularizer": s.regularizer},
+                             s.tokenizer_digest)
+
     def save_last(self):
         self.nonfinite.check()
         self.run.save_checkpoint(self.state_dict(), "last")
 
     def resume(self, path: Path):
         s = self.setup
-        state = current_state(load_checkpoint(path), {"gradient": s.gradient, "weighting": s.weighting,
-                                                      "regularizer": s.regularizer}, s.tokenizer_digest)
+        state = self.restate(load_checkpoint(path))
         check_resumable(state, path, self.cfg, s.files, s.tokenizer_digest)
         self.load_state_dict(state)
         log.info("resumed at step %d of %d", self.step, self.total_steps)
