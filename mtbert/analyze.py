@@ -41,7 +41,7 @@ def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str |
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files.", ""]
-    for name in evaluated_tasks(cfg):
+    for name in evaluated_tasks(cfg, tasks):
         task = tasks[name]
         rows = read_split(task, Path(cfg.data.root).expanduser() / task.files["dev"], RejectedRows("skip"),
                           labelled=True, limit=row_limit(cfg.data.limit.dev, name))  # the run's dev rows

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from mtbert import distributed
 from mtbert.batching import TaskStream, encode, tokenizer_digest
-from mtbert.checks import check_every_task, check_pair_encodings, check_trainer, data_files
+from mtbert.checks import Reads, check_every_task, check_pair_encodings, check_trainer, run_reads
 from mtbert.config import build, build_objectives, check_task_names, config_key, declared_tasks, row_limit
 from mtbert.data import RejectedRows, Task, read_split
 from mtbert.data.holdout import held_out_size, hold_out
@@ -66,9 +66,10 @@ class Network(NamedTuple):
         return self.encodings[task] == "siamese"
 
 
-def build_network(cfg: DictConfig) -> Network:
-    """The run's network, the model with what its tasks share (`sharing`)."""
-    tasks = declared_tasks(cfg)
+def build_network(cfg: DictConfig, tasks: dict[str, Task] | None = None) -> Network:
+    """The run's network, the model with what its tasks share (`sharing`); `tasks`: the
+    declared tasks, where the caller has decided them (a run's `Reads`)."""
+    tasks = declared_tasks(cfg) if tasks is None else tasks
     objectives = build_objectives(cfg, tasks)
     check_pair_encodings(cfg, objectives)
     encodings = pair_encodings(cfg, tasks, objectives)
@@ -114,16 +115,18 @@ def loss_weights(cfg: DictConfig, tasks: dict[str, Task], train_tasks: list[str]
 
 class Setup:
     """The run's components, all validated before the first step: its methods, network,
-    device, optimizer, data and plan (its length in steps and its evaluation points)."""
+    device, optimizer, data and plan (its length in steps and its evaluation points).
+    `reads`: the run's tasks and files where the caller has decided them already (train.py's
+    job checks its files before W&B starts); else they are decided here."""
 
-    def __init__(self, cfg: DictConfig, run: RunDir):
+    def __init__(self, cfg: DictConfig, run: RunDir, reads: Reads | None = None):
         self.cfg, self.run = cfg, run
         check_trainer(cfg.trainer)
         self.files = {}  # task -> split -> the file read: path, rows read, kept, skipped, sha256
-        self.paths = data_files(cfg)  # (split, task, path) of every file it reads, there before the model loads
+        self.reads = reads or run_reads(cfg)  # every file it reads is there before the model loads
         self._build_methods(cfg)
         torch.manual_seed(cfg.seed)
-        self.network = build_network(cfg)
+        self.network = build_network(cfg, self.reads.tasks)
         self.tasks, self.objectives, _, self.model, self.tokenizer = self.network
         self.tokenizer_digest = tokenizer_digest(self.tokenizer)
         self.parameter_counts = counts = self.model.parameter_counts()
@@ -165,11 +168,11 @@ class Setup:
         self.eval_every = math.ceil(self.steps_per_epoch / tcfg.evals_per_epoch)
 
     def _build_methods(self, cfg: DictConfig):
-        """The study's choices, built and checked before the model loads: the sampler and the
-        training tasks it decides, the schedule, the gradient method, the loss weighting and
+        """The study's choices, built and checked before the model loads: the sampler (against
+        the training tasks, `Reads`), the schedule, the gradient method, the loss weighting and
         the regularizer."""
         self.sampler = build(cfg, "sampler")
-        self.train_tasks = self.sampler.tasks or list(cfg.data.tasks)
+        self.train_tasks = self.reads.train_tasks
         with config_key("sampler", cfg.sampler):
             self.sampler.check(self.train_tasks)
         self.schedule = build(cfg, "schedule")
@@ -215,7 +218,7 @@ class Setup:
         rejected = RejectedRows(cfg.bad_rows)
         train, validation, dev = {}, {}, {}
         try:
-            for split, task, path in self.paths:
+            for split, task, path in self.reads.files:
                 held = None
                 if split == "train":
                     rows = read_split(task, path, rejected, labelled=True)

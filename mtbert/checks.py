@@ -5,6 +5,7 @@ files a run will read. Each failure names the keys and the way out."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -57,9 +58,19 @@ def check_pair_encodings(cfg: DictConfig, objectives: dict):
                               f"a loss without a cosine head (loss=baseline)")
 
 
-def data_files(cfg: DictConfig) -> list[tuple[str, Task, Path]]:
-    """(split, task, path) of every file a run reads: the training tasks' train files (and,
-    with `data.validation`, those of the evaluated tasks, whose held-out rows choose the
+class Reads(NamedTuple):
+    """What a run reads, decided once from its config (`run_reads`) and handed on to its
+    `Setup`: the declared tasks (`data.tasks`), the tasks it trains (`sampler.tasks`, or
+    every declared one) and every file it reads, (split, task, path)."""
+
+    tasks: dict[str, Task]
+    train_tasks: list[str]
+    files: list[tuple[str, Task, Path]]
+
+
+def run_reads(cfg: DictConfig) -> Reads:
+    """The tasks and files a run reads: the training tasks' train files (and, with
+    `data.validation`, those of the evaluated tasks, whose held-out rows choose the
     checkpoint) and the evaluated tasks' dev files. Checks, before anything heavy loads, that each is there."""
     root = Path(cfg.data.root).expanduser()
     if not root.is_dir():
@@ -68,15 +79,20 @@ def data_files(cfg: DictConfig) -> list[tuple[str, Task, Path]]:
     tasks = declared_tasks(cfg)
     train_tasks = list(OmegaConf.select(cfg, "sampler.tasks") or tasks)
     check_task_names(train_tasks, tasks, "sampler.tasks")
-    evaluated = evaluated_tasks(cfg)
+    evaluated = evaluated_tasks(cfg, tasks)
     left_out = [t for t in train_tasks if t not in evaluated]
     if left_out:
         raise ConfigError(f"trainer.eval_tasks={evaluated} leaves out trained task(s) {left_out} "
                           "(sampler.tasks), so the best checkpoint would be picked without them: add "
                           "them, or set trainer.eval_tasks=null to evaluate every declared task")
-    files = []
     held_out = [t for t in evaluated if t not in train_tasks] if cfg.data.get("validation") else []
-    for split, names in (("train", train_tasks + held_out), ("dev", evaluated)):
+    return Reads(tasks, train_tasks, data_files(root, tasks, {"train": train_tasks + held_out, "dev": evaluated}))
+
+
+def data_files(root: Path, tasks: dict[str, Task], wanted: dict[str, list[str]]) -> list[tuple[str, Task, Path]]:
+    """(split, task, path) of each split's wanted tasks' files, each checked to be there."""
+    files = []
+    for split, names in wanted.items():
         for name in names:
             if split not in tasks[name].files:
                 raise ConfigError(f"data.tasks.{name}.files has no {split} file; a task needs "

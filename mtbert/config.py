@@ -73,11 +73,10 @@ def build_objectives(cfg: DictConfig, tasks: dict[str, Task]) -> dict:
     return objectives
 
 
-def evaluated_tasks(cfg: DictConfig) -> list[str]:
+def evaluated_tasks(cfg: DictConfig, tasks: dict[str, Task]) -> list[str]:
     """The tasks evaluated on dev, whose mean picks the best checkpoint (`trainer.eval_tasks`):
-    every declared task by default. A single-task baseline names its own task, since an
-    untrained head's score is noise that would sway the choice."""
-    tasks = declared_tasks(cfg)
+    every declared task (`tasks`) by default. A single-task baseline names its own task, since
+    an untrained head's score is noise that would sway the choice."""
     names = cfg.trainer.eval_tasks
     if names is None:
         return list(tasks)

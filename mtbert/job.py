@@ -72,15 +72,16 @@ class Lifecycle:
         self.logger = instantiate(self.cfg.logger)
         self.run.sinks.append(self.logger)
 
-    def train(self, job=None, on_eval: Callable[[int, dict], bool] | None = None):
+    def train(self, job=None, on_eval: Callable[[int, dict], bool] | None = None, reads=None):
         """Start the logger (`job`: a mtbert.logger.RunIdentity) and train; an `on_eval` that stops
-        the run (a pruner) makes it `pruned`."""
+        the run (a pruner) makes it `pruned`; `reads`: the run's tasks and files (a
+        mtbert.checks.Reads), where the caller has decided them."""
         def report(step: int, metrics: dict) -> bool:
             self.pruned = on_eval(step, metrics)
             return self.pruned
 
         self.logger.start(self.cfg, self.run.path, job)
-        self.results.update(train(self.cfg, self.run, on_eval=report if on_eval else None),
+        self.results.update(train(self.cfg, self.run, on_eval=report if on_eval else None, reads=reads),
                             status="pruned" if self.pruned else "completed")
 
     def __exit__(self, kind, error: BaseException | None, traceback) -> bool:

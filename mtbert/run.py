@@ -144,10 +144,11 @@ def main(cfg: DictConfig) -> dict:
 
 
 def train_rank(job, hydra, output_dir: str):
-    """This process's part of the job: join the ranks, check the data files, open the run
-    (rank 0 writes it; the others read it and log warnings only), train."""
+    """This process's part of the job: join the ranks, decide the tasks and files it reads
+    (checked here, and handed on to the run's Setup), open the run (rank 0 writes it; the
+    others read it and log warnings only), train."""
     from mtbert import distributed
-    from mtbert.checks import data_files
+    from mtbert.checks import run_reads
     from mtbert.device import resolve_device
     from mtbert.logger import RunIdentity
 
@@ -156,11 +157,11 @@ def train_rank(job, hydra, output_dir: str):
     if distributed.broadcast_object(output_dir) != output_dir:
         raise ValueError(f"rank {rank} got another run directory than rank 0 ({output_dir}); "
                          "with torchrun pass hydra.run.dir=... so that all ranks share one")
-    data_files(job.cfg)  # a missing data file is reported before W&B and the model load
+    reads = run_reads(job.cfg)  # a missing data file is reported before W&B and the model load
     job.open(writes=rank == 0)
     if rank != 0:
         quiet_rank()
-    job.train(RunIdentity.from_hydra(hydra))
+    job.train(RunIdentity.from_hydra(hydra), reads=reads)
 
 
 def failed(e: BaseException, hydra, output_dir: str) -> bool:

@@ -40,9 +40,9 @@ class Trainer:
     plan up to the step it stopped at) and every RNG, so it continues exactly.
     """
 
-    def __init__(self, cfg: DictConfig, run: RunDir):
+    def __init__(self, cfg: DictConfig, run: RunDir, reads=None):
         self.cfg, self.run, self.tcfg = cfg, run, cfg.trainer
-        s = self.setup = Setup(cfg, run)
+        s = self.setup = Setup(cfg, run, reads)
         self.streams = s.streams
         self.draws = torch.Generator().manual_seed(cfg.seed)  # for samplers that draw tasks
         self.sizes, self.steps_per_epoch, self.total_steps = s.sizes, s.steps_per_epoch, s.total_steps
@@ -450,11 +450,12 @@ class Trainer:
         log.info("resumed at step %d of %d", self.step, self.total_steps)
 
 
-def train(cfg: DictConfig, run: RunDir, on_eval=None) -> dict:
+def train(cfg: DictConfig, run: RunDir, on_eval=None, reads=None) -> dict:
     """Train one run, continuing from `checkpoints/last.pt` when the run directory has one
     (a resumed or requeued run); returns the results.json fields it owns. `on_eval(step,
-    metrics)` is called after each evaluation but the last; a true return ends the run there."""
-    trainer = Trainer(cfg, run)
+    metrics)` is called after each evaluation but the last; a true return ends the run there.
+    `reads`: the run's tasks and files (a mtbert.checks.Reads), where the caller has decided them."""
+    trainer = Trainer(cfg, run, reads)
     trainer.on_eval = on_eval
     last = run.checkpoints / "last.pt"
     if checkpoint_exists(last) or cfg.resume:  # an explicit resume without one is an error
