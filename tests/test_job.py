@@ -21,7 +21,7 @@ def training(monkeypatch, outcome):
     """`train` as a callable `outcome(cfg, run, on_eval)`: returns results, or raises."""
     calls = []
 
-    def fake(cfg, run, on_eval=None):
+    def fake(cfg, run, on_eval=None, reads=None):
         calls.append(on_eval)
         (run.checkpoints / "last.pt").parent.mkdir(exist_ok=True)
         (run.checkpoints / "last.pt").write_bytes(b"state")
