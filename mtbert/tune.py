@@ -200,44 +200,70 @@ def plot(study: optuna.Study, directory: Path, complete: int):
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    hpo, base = search_of(args.overrides)
+    directory = (args.dir or Path("tuning") / hpo.name).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    study = open_study(hpo, directory)
+    run_trials(study, Objective(base, hpo, directory / "trials", str(directory)), args.trials or hpo.trials)
+    return announce(write_outputs(study, directory, hpo), hpo, directory)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m mtbert.tune", description=__doc__.split("\n")[0])
     parser.add_argument("overrides", nargs="*", help="train.py overrides; hpo=NAME picks the search space")
     parser.add_argument("--dir", type=Path, help="the study's folder (default tuning/<hpo name>)")
     parser.add_argument("--trials", type=int, help="finished trials to reach, pruned and failed "
                                                   "included (default hpo.trials)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return parser.parse_args(argv)
+
+
+def search_of(overrides: list[str]) -> tuple[DictConfig, list[str]]:
+    """The search (`hpo`) and the runs' own overrides, checked before any trial runs: an
+    unknown option or key, no search space or a malformed one ends the command, naming it."""
     try:  # an unknown option (Hydra's message says which) or a key the chosen options do not declare
-        cfg = compose_config(args.overrides)
+        cfg = compose_config(overrides)
     except (HydraException, UnknownKeyError) as e:
         sys.exit(f"error: {e}")
     if cfg.get("hpo") is None:
         sys.exit("error: name a search space, e.g. hpo=paper_rates (conf/hpo/)")
     hpo = cfg.hpo
-    base = [o for o in args.overrides if o.lstrip("~+").split("=")[0].split(".")[0] != "hpo"]  # the runs' own
+    base = [o for o in overrides if o.lstrip("~+").split("=")[0].split(".")[0] != "hpo"]  # the runs' own
     try:
         check_space(OmegaConf.to_container(hpo.space), base)
     except SpaceError as e:
         sys.exit(f"error: {e}")
-    directory = (args.dir or Path("tuning") / hpo.name).resolve()
-    directory.mkdir(parents=True, exist_ok=True)
+    return hpo, base
+
+
+def open_study(hpo: DictConfig, directory: Path) -> optuna.Study:
+    """The study in `directory/study.db`, created or continued: the same command again, or
+    a copy of it, shares it."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         storage = optuna.storages.RDBStorage(f"sqlite:///{directory / 'study.db'}", heartbeat_interval=60,
                                              grace_period=180)  # a killed trial is marked failed
-    study = optuna.create_study(study_name=hpo.name, storage=storage, direction=hpo.direction,
-                                sampler=instantiate(hpo.sampler), pruner=instantiate(hpo.pruner),
-                                load_if_exists=True)
-    wanted = args.trials or hpo.trials
+    return optuna.create_study(study_name=hpo.name, storage=storage, direction=hpo.direction,
+                               sampler=instantiate(hpo.sampler), pruner=instantiate(hpo.pruner),
+                               load_if_exists=True)
+
+
+def run_trials(study: optuna.Study, objective: Objective, wanted: int):
+    """Trials until `wanted` have finished, pruned and failed ones included, counted over
+    every copy of the command that shares the study."""
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
     finished = optuna.study.MaxTrialsCallback(wanted, states=states)  # copies sharing the study stop too
     done = len(study.get_trials(states=states))
-    log.info("study %s in %s: %d of %d trials finished", hpo.name, directory, done, wanted)
+    log.info("study %s in %s: %d of %d trials finished", study.study_name, objective.sweep, done, wanted)
     if done < wanted:
-        study.optimize(Objective(base, hpo, directory / "trials", str(directory)), n_trials=wanted - done,
-                       callbacks=[finished, progress(wanted, done)], catch=(Exception,))
-    best = write_outputs(study, directory, hpo)
+        study.optimize(objective, n_trials=wanted - done, callbacks=[finished, progress(wanted, done)],
+                       catch=(Exception,))
+
+
+def announce(best: dict | None, hpo: DictConfig, directory: Path) -> dict | None:
+    """The best trial and its command, and the files written; None while no trial has completed."""
     if best is None:
         log.warning("no trial completed; see %s/trials.csv", directory)
         return None
