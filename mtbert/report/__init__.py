@@ -55,28 +55,9 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     out = out or folders[0]
     out.mkdir(parents=True, exist_ok=True)
     comparisons = compare(rows, keys, reference, data_root)
-    baselines, deltas = delta_m_rows(rows, keys)
+    delta_m = delta_m_rows(rows, keys)
     claims = judge_claims(claims_file, rows, keys) if claims_file is not None else None
-    sections = []
-    if mixed:
-        sections += ["## Warning: rows mixing runs made differently", "",
-                     "Reported with --allow-mixed: these rows' intervals and tests pool runs that "
-                     "differ in more than the seed.", "", *mixed_lines(mixed), ""]
-    on_dev = (", or on dev where a row's notes say \"selected on dev\": dev then both chose and "
-              "scores it, which flatters it" if any(r["on_dev"] for r in rows) else "")
-    sections += [f"Dev scores of the checkpoint each run chose (on the held-out validation rows{on_dev}): "
-                 "the mean over completed seeds, its 95% Student-t interval over seeds in brackets "
-                 "(with 2 seeds or more)"
-                 + (", the paper's number in parentheses." if has_paper_rows(rows, keys) else "."),
-                 "", markdown(rows, keys), "", "## Provenance", "", provenance_markdown(rows)]
-    if comparisons:
-        sections += ["", f"## Paired comparisons against {reference}", "",
-                     comparisons_markdown(comparisons, reference)]
-    if deltas:
-        sections += ["", "## Δm against single-task baselines", "", delta_m_markdown(baselines, deltas)]
-    if claims is not None:
-        sections += ["", "## Claims", "", claims_markdown(claims_file.name, *claims, comparisons, reference)]
-    text = "\n".join(sections) + "\n"
+    text = table_markdown(rows, keys, reference, mixed, comparisons, delta_m, claims, claims_file)
     (out / "table.md").write_text(text)
     (out / "readings.md").write_text(readings(rows, comparisons, reference, claims[0] if claims else None, mixed))
     write_csv(rows, keys, out / "table.csv")
@@ -85,6 +66,43 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     plot_seeds(rows, keys, out / "seeds.png")
     plot_curves(jobs, keys, out / "curves.png")
     return text
+
+
+def table_markdown(rows: list[dict], keys: list[str], reference: str, mixed: list, comparisons: list[dict],
+                   delta_m: tuple[dict, list[dict]], claims: tuple | None, claims_file: Path | None) -> str:
+    """table.md's text: a warning where rows mix runs made differently, the table and its
+    provenance, then the comparisons, Δm and the claims where the report has them."""
+    baselines, deltas = delta_m
+    sections = [*mixed_warning(mixed), scores_caption(rows, keys), "", markdown(rows, keys), "",
+                "## Provenance", "", provenance_markdown(rows)]
+    if comparisons:
+        sections += ["", f"## Paired comparisons against {reference}", "",
+                     comparisons_markdown(comparisons, reference)]
+    if deltas:
+        sections += ["", "## Δm against single-task baselines", "", delta_m_markdown(baselines, deltas)]
+    if claims is not None:
+        sections += ["", "## Claims", "", claims_markdown(claims_file.name, *claims, comparisons, reference)]
+    return "\n".join(sections) + "\n"
+
+
+def mixed_warning(mixed: list) -> list[str]:
+    """The lines that flag rows pooling runs made differently (reported with --allow-mixed)."""
+    if not mixed:
+        return []
+    return ["## Warning: rows mixing runs made differently", "",
+            "Reported with --allow-mixed: these rows' intervals and tests pool runs that "
+            "differ in more than the seed.", "", *mixed_lines(mixed), ""]
+
+
+def scores_caption(rows: list[dict], keys: list[str]) -> str:
+    """What the table's numbers are: which split chose and scores each run's checkpoint, the
+    interval over seeds, and the paper's numbers where the table has its rows."""
+    on_dev = (", or on dev where a row's notes say \"selected on dev\": dev then both chose and "
+              "scores it, which flatters it" if any(r["on_dev"] for r in rows) else "")
+    return (f"Dev scores of the checkpoint each run chose (on the held-out validation rows{on_dev}): "
+            "the mean over completed seeds, its 95% Student-t interval over seeds in brackets "
+            "(with 2 seeds or more)"
+            + (", the paper's number in parentheses." if has_paper_rows(rows, keys) else "."))
 
 
 def main(argv=None):

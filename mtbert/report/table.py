@@ -49,54 +49,72 @@ def summarize(jobs: list[Job], keys: list[str]) -> list[dict]:
     paper_order = {name: i for i, name in enumerate(PAPER)}
     order = sorted(by_row, key=lambda r: (single_task(by_row[r]) is not None,
                                           paper_order.get(by_row[r][0].experiment, len(PAPER)), r))
-    rows = []
-    for name in order:
-        group = by_row[name]
-        done = {}
-        notes = []
-        for j in group:
-            if j.status == "running":
-                notes.append(f"seed {j.seed} {running_note(j.results.get('process'))}")
-            elif j.status != "completed":
-                notes.append(f"seed {j.seed} {j.status}"
-                             + (f": {one_line(j.results['error'])}" if j.results.get("error") else ""))
-            elif j.seed in done:
-                notes.append(f"seed {j.seed} ran twice ({done[j.seed].path}, {j.path}): the first is used")
-            else:
-                done[j.seed] = j
-                if j.results.get("skipped_steps"):
-                    notes.append(f"seed {j.seed} skipped {j.results['skipped_steps']} of "
-                                 f"{j.results['steps']} steps (non-finite loss)")
-        notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
-        made_with = made_with_values(list(done.values()))
-        on_dev = sum(len(paths) for value, paths in made_with["selected on"].items() if value == "dev")
-        if on_dev:
-            notes.insert(0, f"selected on dev ({on_dev} of {len(done)} seeds)")
-        alone = single_task(group)
-        if alone:
-            notes.insert(0, f"single-task baseline: trains {alone} only")
-        row = {"row": name, "completed": len(done), "jobs": len(group), "single_task": alone,
-               "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())},
-               "made_with": made_with, "on_dev": on_dev}
-        paper = dict(zip(PAPER_KEYS, PAPER.get(name, ())))  # a row with overrides is not the paper's
-        for key in keys:
-            values = {s: j.dev[key] for s, j in sorted(done.items()) if j.dev.get(key) is not None}
-            v = list(values.values())
-            ci = stats.interval(v)
-            row.update({key: statistics.fmean(v) if v else None, f"{key}_seeds": values,
-                        f"{key}_low": ci[0] if ci else None, f"{key}_high": ci[1] if ci else None,
-                        f"{key}_sd": statistics.stdev(v) if len(v) > 1 else None,
-                        f"{key}_min": min(v, default=None), f"{key}_max": max(v, default=None),
-                        f"{key}_paper": paper.get(key)})
-        row["steps"] = mean_or_none([j.results["steps"] for j in done.values()])
-        seen = defaultdict(list)
-        for j in done.values():
-            for task, n in j.results.get("examples_seen", {}).items():
-                seen[task].append(n)
-        row["examples_seen"] = {t: statistics.fmean(v) for t, v in sorted(seen.items())}
-        row["minutes"] = mean_or_none([j.results["train_seconds"] / 60 for j in done.values()])
-        rows.append(row)
-    return rows
+    return [summarize_row(name, by_row[name], seeds, keys) for name in order]
+
+
+def summarize_row(name: str, group: list[Job], seeds: list[int], keys: list[str]) -> dict:
+    """One row: its completed seeds, notes on the others and on how it was made, each
+    metric's statistics over seeds (`metric_summary`), and what its runs cost."""
+    done, notes = completed_seeds(group, seeds)
+    made_with = made_with_values(list(done.values()))
+    on_dev = sum(len(paths) for value, paths in made_with["selected on"].items() if value == "dev")
+    if on_dev:
+        notes.insert(0, f"selected on dev ({on_dev} of {len(done)} seeds)")
+    alone = single_task(group)
+    if alone:
+        notes.insert(0, f"single-task baseline: trains {alone} only")
+    row = {"row": name, "completed": len(done), "jobs": len(group), "single_task": alone,
+           "notes": "; ".join(notes), "runs": {s: j.path for s, j in sorted(done.items())},
+           "made_with": made_with, "on_dev": on_dev}
+    paper = dict(zip(PAPER_KEYS, PAPER.get(name, ())))  # a row with overrides is not the paper's
+    for key in keys:
+        values = {s: j.dev[key] for s, j in sorted(done.items()) if j.dev.get(key) is not None}
+        row.update(metric_summary(key, values, paper.get(key)))
+    return {**row, **run_costs(list(done.values()))}
+
+
+def completed_seeds(group: list[Job], seeds: list[int]) -> tuple[dict[int, Job], list[str]]:
+    """Each seed's completed job (the first, where a seed ran twice), and a note for each
+    job that did not complete, ran twice or skipped steps, and for each seed missing."""
+    done, notes = {}, []
+    for j in group:
+        if j.status == "running":
+            notes.append(f"seed {j.seed} {running_note(j.results.get('process'))}")
+        elif j.status != "completed":
+            notes.append(f"seed {j.seed} {j.status}"
+                         + (f": {one_line(j.results['error'])}" if j.results.get("error") else ""))
+        elif j.seed in done:
+            notes.append(f"seed {j.seed} ran twice ({done[j.seed].path}, {j.path}): the first is used")
+        else:
+            done[j.seed] = j
+            if j.results.get("skipped_steps"):
+                notes.append(f"seed {j.seed} skipped {j.results['skipped_steps']} of "
+                             f"{j.results['steps']} steps (non-finite loss)")
+    notes += [f"seed {s} missing" for s in seeds if s not in {j.seed for j in group}]
+    return done, notes
+
+
+def metric_summary(key: str, values: dict[int, float], paper: float | None) -> dict:
+    """One metric over a row's seeds: the values by seed, mean, 95% t-interval, sd, min,
+    max, and the paper's number (None where the row is not the paper's)."""
+    v = list(values.values())
+    ci = stats.interval(v)
+    return {key: statistics.fmean(v) if v else None, f"{key}_seeds": values,
+            f"{key}_low": ci[0] if ci else None, f"{key}_high": ci[1] if ci else None,
+            f"{key}_sd": statistics.stdev(v) if len(v) > 1 else None,
+            f"{key}_min": min(v, default=None), f"{key}_max": max(v, default=None),
+            f"{key}_paper": paper}
+
+
+def run_costs(done: list[Job]) -> dict:
+    """What a row's completed runs took, as means over seeds: steps, examples seen per task, minutes."""
+    seen = defaultdict(list)
+    for j in done:
+        for task, n in j.results.get("examples_seen", {}).items():
+            seen[task].append(n)
+    return {"steps": mean_or_none([j.results["steps"] for j in done]),
+            "examples_seen": {t: statistics.fmean(v) for t, v in sorted(seen.items())},
+            "minutes": mean_or_none([j.results["train_seconds"] / 60 for j in done])}
 
 
 def mean_or_none(values: list[float]) -> float | None:
