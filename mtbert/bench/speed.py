@@ -335,43 +335,14 @@ def reset_peak_rss() -> bool:
 
 def memory_of(args, name: str) -> dict:
     """Peak memory of one variant alone, in the child process the bench starts for it: the
-    variant built, then as many steps as it takes in the bench (warmup, then every round);
-    `eval`: mtbert adam's model built and the full dev evaluation. `bare` takes adam's
-    batch streams from a helper that is freed (and the peak reset, on Linux) before bare
-    is built. Otherwise the peak (VmHWM) counts from the child's start, so whatever setup
-    allocates counts too: SMART's EMA teacher (`regularizer.bregman` > 0), every task's
-    top layers or adapters."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)[0]
-    config = configurer(args, device, precision)
-    specs = mtbert_variants(args, precision)
-    start = rss_mb()
-    out = {"start_mb": start}
+    variant built (`built_alone`), then as many steps as it takes in the bench (warmup, then
+    every round); `eval`: mtbert adam's model built and the full dev evaluation. The peak
+    (VmHWM) counts from the child's start, so whatever setup allocates counts too: SMART's
+    EMA teacher (`regularizer.bregman` > 0), every task's top layers or adapters."""
+    device, precision, config = setting(args)
+    out = {"start_mb": rss_mb()}
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-memory-") as tmp:
-        if name == "eval":
-            adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
-            s = adam.trainer.setup
-            evaluate(s.model, s.dev, s.objectives, device, s.precision, log_every=None)
-            runner = None
-        elif name == "naive":
-            cfg = config("optim=adam")
-            tasks = list(cfg.sampler.get("tasks") or cfg.data.tasks)
-            runner = NaiveLoop(cfg, tasks, device, args.naive_update)
-        elif name == "bare":
-            helper = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
-            streams = copy.deepcopy({t: helper.trainer.streams[t] for t in helper.tasks})
-            del helper
-            gc.collect()
-            release_memory()
-            out["helper_freed"] = reset_peak_rss()  # False: the peak includes the helper's
-            runner = BareStep(config("optim=adam"), device, precision, streams)
-        elif name in specs:
-            overrides, folder = specs[name]
-            runner = MtbertStep(config(*overrides), Path(tmp) / folder)
-        else:
-            raise ValueError(f"no variant {name!r}; the variants: {variant_names(args, precision)} and eval")
+        runner = built_alone(args, name, config, device, precision, Path(tmp), out)
         if runner is not None:
             timing = Timing(runner)
             for steps in (args.warmup, *[args.steps] * args.rounds):
@@ -381,6 +352,33 @@ def memory_of(args, name: str) -> dict:
         if device.type == "cuda":
             out["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
+
+
+def built_alone(args, name: str, config, device: torch.device, precision: str, tmp: Path, out: dict):
+    """The runner of variant `name`, built as the bench builds it but alone; `eval` is run
+    here (no runner). `bare` takes adam's batch streams from a helper that is freed (and the
+    peak reset, on Linux: `out["helper_freed"]`) before bare is built."""
+    specs = mtbert_variants(args, precision)
+    if name == "eval":
+        adam = MtbertStep(config("optim=adam"), tmp / "adam")
+        s = adam.trainer.setup
+        evaluate(s.model, s.dev, s.objectives, device, s.precision, log_every=None)
+        return None
+    if name == "naive":
+        cfg = config("optim=adam")
+        return NaiveLoop(cfg, list(cfg.sampler.get("tasks") or cfg.data.tasks), device, args.naive_update)
+    if name == "bare":
+        helper = MtbertStep(config("optim=adam"), tmp / "adam")
+        streams = copy.deepcopy({t: helper.trainer.streams[t] for t in helper.tasks})
+        del helper
+        gc.collect()
+        release_memory()
+        out["helper_freed"] = reset_peak_rss()  # False: the peak includes the helper's
+        return BareStep(config("optim=adam"), device, precision, streams)
+    if name in specs:
+        overrides, folder = specs[name]
+        return MtbertStep(config(*overrides), tmp / folder)
+    raise ValueError(f"no variant {name!r}; the variants: {variant_names(args, precision)} and eval")
 
 
 def memory_per_variant(args, names: list[str]) -> dict:
@@ -398,6 +396,16 @@ def memory_per_variant(args, names: list[str]) -> dict:
         else:
             out[name] = {"error": (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]}
     return out
+
+
+def setting(args) -> tuple[torch.device, str, object]:
+    """The bench's device, precision and config (`configurer`), alike in the bench and in each
+    `--memory-of` child; `--threads` set first."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)[0]
+    return device, precision, configurer(args, device, precision)
 
 
 def configurer(args, device: torch.device, precision: str):
@@ -429,46 +437,20 @@ def variant_names(args, precision: str) -> list[str]:
 
 
 def run(args) -> dict:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    precision = resolve_precision(args.precision, device)[0]
+    """The bench: each variant's memory alone first (`--memory`), then every variant built
+    and timed in interleaved rounds, the ratios, the dev evaluation and the short run."""
+    device, precision, config = setting(args)
     info = machine(device)
-    config = configurer(args, device, precision)
     for override in args.variant:  # a variant's bad key stops the bench before any model is built
         config("optim=adam", *override.split())
-    specs = mtbert_variants(args, precision)
-    other = "fp32" if precision == "bf16" else "bf16"
     memory = None
     if args.memory:  # before this process loads its variants, so that the two never add up
         memory = memory_per_variant(args, variant_names(args, precision) + (["eval"] if args.eval else []))
-    variants = {}  # name -> Timing, in the order they run within a round
     with tempfile.TemporaryDirectory(prefix="mtbert-bench-") as tmp:
-        adam = MtbertStep(config("optim=adam"), Path(tmp) / "adam")
-        streams = copy.deepcopy({t: adam.trainer.streams[t] for t in adam.tasks})  # same batches as adam
-        for name in variant_names(args, precision):
-            if name == "naive":
-                runner = NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update)
-            elif name == "bare":
-                runner = BareStep(config("optim=adam"), device, precision, streams)
-            elif name == "mtbert adam":
-                runner = adam
-            else:
-                overrides, folder = specs[name]
-                runner = MtbertStep(config(*overrides), Path(tmp) / folder)
-            variants[name] = Timing(runner)
+        variants = built_variants(args, config, device, precision, Path(tmp))
+        adam = variants["mtbert adam"].runner
         layer_n = sum(p.numel() for p in layer_params(adam.model))  # eval's N: mtbert adam's
-        used = {precision, *(v.runner.precision for v in variants.values())}
-        peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
-        for r in range(args.rounds + 1):  # round 0 is the warmup
-            for p in peaks:
-                peaks[p] = max(peaks[p], matmul_peak(device, DTYPES[p]))
-            for v in list(variants.values())[::-1 if r % 2 else 1]:
-                v.run(args.warmup if r == 0 else args.steps, device, record=r > 0)
-            if r:
-                rates = ", ".join(f"{n} {v.rate(r - 1):.1f} sent/s" for n, v in variants.items())
-                print(f"round {r}/{args.rounds}: {rates}", file=sys.stderr, flush=True)
-
+        peaks = timed_rounds(args, variants, device, precision)
         result = {"machine": info, "command": "python -m mtbert.bench " + " ".join(args.argv),
                   "settings": {"model": args.model, "precision": precision, "batch_size": args.batch_size,
                                "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
@@ -477,12 +459,12 @@ def run(args) -> dict:
                   "layer_params": layer_n, "matmul_peak_flops": peaks,
                   "variants": {n: v.summary(args.steps, peaks[v.runner.precision])
                                for n, v in variants.items()}}
-        result["ratios"] = ratios(variants, precision, other, args.variant)
+        result["ratios"] = ratios(variants, precision, "fp32" if precision == "bf16" else "bf16", args.variant)
         if args.eval:
             result["eval"] = run_eval(adam, device, layer_n, peaks[precision])
         if args.train_steps:
             variants.clear()  # free the timed models first
-            del adam, streams
+            del adam
             result["short_run"] = short_run(config, args.train_steps, device, Path(tmp) / "short",
                                             args.naive_update)
         info["load_average_end"] = os.getloadavg()[0]
@@ -491,6 +473,43 @@ def run(args) -> dict:
             result["memory_per_variant"] = memory
         result["targets"] = targets(result)
     return result
+
+
+def built_variants(args, config, device: torch.device, precision: str, tmp: Path) -> dict[str, Timing]:
+    """Every variant's runner, built in this process, each in its Timing, in the order they
+    run within a round; mtbert adam first, whose batch streams bare copies (same batches)."""
+    specs = mtbert_variants(args, precision)
+    adam = MtbertStep(config("optim=adam"), tmp / "adam")
+    streams = copy.deepcopy({t: adam.trainer.streams[t] for t in adam.tasks})  # same batches as adam
+    variants = {}
+    for name in variant_names(args, precision):
+        if name == "naive":
+            runner = NaiveLoop(config("optim=adam"), adam.tasks, device, args.naive_update)
+        elif name == "bare":
+            runner = BareStep(config("optim=adam"), device, precision, streams)
+        elif name == "mtbert adam":
+            runner = adam
+        else:
+            overrides, folder = specs[name]
+            runner = MtbertStep(config(*overrides), tmp / folder)
+        variants[name] = Timing(runner)
+    return variants
+
+
+def timed_rounds(args, variants: dict[str, Timing], device: torch.device, precision: str) -> dict[str, float]:
+    """A warmup round, then `--rounds` timed ones, the variants' order reversed every other
+    round, each with the matmul peak of the precisions they run in; the best peak of each."""
+    used = {precision, *(v.runner.precision for v in variants.values())}
+    peaks = {p: 0.0 for p in DTYPES if p in used}  # a peak only where a variant needs it
+    for r in range(args.rounds + 1):  # round 0 is the warmup
+        for p in peaks:
+            peaks[p] = max(peaks[p], matmul_peak(device, DTYPES[p]))
+        for v in list(variants.values())[::-1 if r % 2 else 1]:
+            v.run(args.warmup if r == 0 else args.steps, device, record=r > 0)
+        if r:
+            rates = ", ".join(f"{n} {v.rate(r - 1):.1f} sent/s" for n, v in variants.items())
+            print(f"round {r}/{args.rounds}: {rates}", file=sys.stderr, flush=True)
+    return peaks
 
 
 def ratios(v: dict[str, Timing], precision: str, other: str, overrides: list[str]) -> dict:
@@ -582,9 +601,22 @@ def targets(result: dict) -> dict:
 
 
 def markdown(r: dict) -> str:
+    """The result as the bench's report: how it was measured, the variants' table, the
+    ratios against their targets, the short run and each variant's memory where measured."""
+    lines = [*header_markdown(r), *variants_markdown(r), *ratios_markdown(r)]
+    if "short_run" in r:
+        lines += short_run_markdown(r["short_run"])
+    if "memory_per_variant" in r:
+        lines += memory_markdown(r["memory_per_variant"], r["machine"]["device"] == "cuda")
+    lines += ["", f"Peak memory of the bench process (all variants loaded): {r['peak_memory_mb']:,.0f} MiB."]
+    return "\n".join(lines) + "\n"
+
+
+def header_markdown(r: dict) -> list[str]:
+    """The title, the command and how the figures were measured and counted."""
     m, s, peaks = r["machine"], r["settings"], r["matmul_peak_flops"]
     env = "".join(f"{k}={v} " for k, v in m["env"].items())
-    lines = [
+    return [
         f"# mtbert bench: {s['model']}, {m['device']} ({m['name']}), {s['precision']}", "",
         f"`{env}{r['command']}`", "",
         f"torch {m['torch']}, {m['torch_threads']} threads on {m['cpu_cores']} cores; load average "
@@ -597,50 +629,82 @@ def markdown(r: dict) -> str:
         "task's forward runs (its sharing option's), less 2 per parameter that does not train "
         "(a frozen base); SMART's extra passes counted (per ascent step 4N, its term 4N + 2 per "
         f"trained parameter, the Bregman teacher 2N); eval 2 * N * tokens, N = {r['layer_params']:,}.", "",
-        "| variant | precision | N | FLOPs/token | sentences/s | tokens/s | s/step | MFU |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
+
+
+def variants_markdown(r: dict) -> list[str]:
+    """Each variant's speed and utilisation, and the dev evaluation's."""
+    lines = ["| variant | precision | N | FLOPs/token | sentences/s | tokens/s | s/step | MFU |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, v in r["variants"].items():
         per_n = v["flops_per_token"] / v["layer_params"]
         lines.append(f"| {name} | {v['precision']} | {v['layer_params']:,} | {per_n:.1f}N | {v['sentences_per_s']:.1f} "
                      f"| {v['tokens_per_s']:.0f} | {v['step_seconds']:.3f} | {v['mfu']:.1%} |")
     if "eval" in r:
         e = r["eval"]
-        lines.append(f"| eval (full dev, {sum(e['examples'].values()):,} examples) | {s['precision']} "
+        lines.append(f"| eval (full dev, {sum(e['examples'].values()):,} examples) | {r['settings']['precision']} "
                      f"| {r['layer_params']:,} | 2.0N | {e['sentences_per_s']:.1f} | {e['tokens_per_s']:.0f} "
                      f"| {e['seconds']:.1f} s total | {e['mfu']:.1%} |")
-    lines += ["", "| ratio (median of per-round ratios) | value | target | met |", "|---|---:|---|---|"]
+    return lines
+
+
+def ratios_markdown(r: dict) -> list[str]:
+    """The issue's ratios, each beside its target."""
+    lines = ["", "| ratio (median of per-round ratios) | value | target | met |", "|---|---:|---|---|"]
     for k, value in target_values(r).items():
         t = r["targets"].get(k, {"target": "", "met": None})
         met = {True: "yes", False: "NO", None: ""}[t["met"]]
         lines.append(f"| {k} | {'n/a' if value is None else f'{value:.3f}'} | {t['target']} | {met} |")
-    if "short_run" in r:
-        lines += ["", f"Short real run: {r['short_run']['steps']} steps from the same initial weights; "
-                  "dev scores of the final weights:", "",
-                  "| run | steps | training s | sentences/s | " + " | ".join(map(label, PAPER_KEYS)) + " |",
-                  "|---|---:|---:|---:|" + "---:|" * len(PAPER_KEYS)]
-        for name in ("mtbert", "naive", "naive, mtbert's time"):
-            v, d = r["short_run"][name], r["short_run"][name]["dev"]
-            cells = " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}"
-                               for k in PAPER_KEYS)
-            lines.append(f"| {name} | {v['steps']} | {v['train_seconds']:.0f} | {v['sentences_per_s']:.1f} | {cells} |")
-    if "memory_per_variant" in r:
-        lines += ["", "Peak memory of each variant alone, in its own process (built, then its warmup and "
-                  "timed steps; eval: the model and the full dev evaluation); resident set, MiB:", "",
-                  "| variant | peak | at start (imports) |" + (" CUDA peak |" if m["device"] == "cuda" else ""),
-                  "|---|---:|---:|" + ("---:|" if m["device"] == "cuda" else "")]
-        for name, v in r["memory_per_variant"].items():
-            if "error" in v:
-                lines.append(f"| {name} | failed: {v['error']} | |" + (" |" if m["device"] == "cuda" else ""))
-                continue
-            start = "n/a" if v["start_mb"] is None else f"{v['start_mb']:,.0f}"
-            cuda = f" {v['cuda_peak_mb']:,.0f} |" if "cuda_peak_mb" in v else (" |" if m["device"] == "cuda" else "")
-            lines.append(f"| {name} | {v['peak_mb']:,.0f} | {start} |{cuda}")
-    lines += ["", f"Peak memory of the bench process (all variants loaded): {r['peak_memory_mb']:,.0f} MiB."]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def short_run_markdown(short: dict) -> list[str]:
+    """The short real run: mtbert and the naive loop, their speed and dev scores."""
+    lines = ["", f"Short real run: {short['steps']} steps from the same initial weights; "
+             "dev scores of the final weights:", "",
+             "| run | steps | training s | sentences/s | " + " | ".join(map(label, PAPER_KEYS)) + " |",
+             "|---|---:|---:|---:|" + "---:|" * len(PAPER_KEYS)]
+    for name in ("mtbert", "naive", "naive, mtbert's time"):
+        v, d = short[name], short[name]["dev"]
+        cells = " | ".join("n/a" if d[k] is None else f"{d[k]:.3f}"
+                           for k in PAPER_KEYS)
+        lines.append(f"| {name} | {v['steps']} | {v['train_seconds']:.0f} | {v['sentences_per_s']:.1f} | {cells} |")
+    return lines
+
+
+def memory_markdown(memory: dict, cuda: bool) -> list[str]:
+    """Each variant's peak memory alone, in its own process (and its CUDA peak on a GPU)."""
+    lines = ["", "Peak memory of each variant alone, in its own process (built, then its warmup and "
+             "timed steps; eval: the model and the full dev evaluation); resident set, MiB:", "",
+             "| variant | peak | at start (imports) |" + (" CUDA peak |" if cuda else ""),
+             "|---|---:|---:|" + ("---:|" if cuda else "")]
+    for name, v in memory.items():
+        if "error" in v:
+            lines.append(f"| {name} | failed: {v['error']} | |" + (" |" if cuda else ""))
+            continue
+        start = "n/a" if v["start_mb"] is None else f"{v['start_mb']:,.0f}"
+        cell = f" {v['cuda_peak_mb']:,.0f} |" if "cuda_peak_mb" in v else (" |" if cuda else "")
+        lines.append(f"| {name} | {v['peak_mb']:,.0f} | {start} |{cell}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
+    args = arguments().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    if args.memory_of:
+        result = memory_of(args, args.memory_of)
+        print(MEMORY_MARK + json.dumps(result), flush=True)
+        return result
+    try:
+        result = run(args)
+    except (HydraException, schema.UnknownKeyError, *USER_ERRORS) as e:  # a bad option, key or data folder
+        sys.exit(f"error: {e}")
+    publish(result, markdown(result), args.out)
+    return result
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The bench's command line: what it times, how long, and where it writes."""
     parser = argparse.ArgumentParser(prog="python -m mtbert.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["minilm", "tiny", "bert_base"], default="minilm")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -674,15 +738,4 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                         help="measure each variant's peak memory alone, in a process of its own, first")
     parser.add_argument("--memory-of", metavar="VARIANT", help=argparse.SUPPRESS)  # the child of --memory
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else argv
-    if args.memory_of:
-        result = memory_of(args, args.memory_of)
-        print(MEMORY_MARK + json.dumps(result), flush=True)
-        return result
-    try:
-        result = run(args)
-    except (HydraException, schema.UnknownKeyError, *USER_ERRORS) as e:  # a bad option, key or data folder
-        sys.exit(f"error: {e}")
-    publish(result, markdown(result), args.out)
-    return result
+    return parser
