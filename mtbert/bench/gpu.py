@@ -341,21 +341,12 @@ def step_variants(check: Check, has_checkpointing: bool) -> list[tuple[str, list
 
 
 def steps(check: Check, deadline: float) -> dict:
+    """Every step variant (`step_variants`) timed under its own limit while the part's
+    budget allows it to start; the rest listed as skipped."""
     from mtbert.bench import speed
 
-    a = check.args
-    data, kind = check.dataset()
-    model = a.model or ("bert_base" if check.cuda else "tiny")
-    model_overrides = list(BERT_BASE) if model == "bert_base" else [f"model={model}"]
-    base = [*model_overrides, f"data.root={data}", f"data.cache_dir={check.tmp / 'cache'}", "logger=none",
-            f"trainer.device={check.device.type}", f"data.batch_size={a.batch_size}", "data.validation=null",
-            f"data.limit.train={4000 if check.cuda else 100}", "data.limit.dev=64"]
-    has_checkpointing = config_keys()["model.gradient_checkpointing"]
+    base, has_checkpointing = step_settings(check)
     record = check.result["parts"]["steps"]
-    record.update(settings={"model": model, "overrides": model_overrides, "data": kind, "batch_size": a.batch_size,
-                            "warmup": a.warmup, "steps": a.steps, "rounds": a.rounds},
-                  gradient_checkpointing="measured" if has_checkpointing
-                  else "skipped: no model.gradient_checkpointing in conf/model", variants={})
     for name, overrides in step_variants(check, has_checkpointing):
         compiled = "trainer.compile=true" in overrides
         left = deadline - time.monotonic()
@@ -365,27 +356,7 @@ def steps(check: Check, deadline: float) -> dict:
             continue
         check.log(f"steps: {name}")
         v = record["variants"][name] = {"status": "running", "overrides": overrides}
-        step = timing = None
-        start = time.monotonic()
-        try:
-            with time_limit(min(left, cap)):
-                step, timing = time_variant(check, speed, [*base, *overrides], name, v)
-            v["status"] = "ok"
-        except PartTimeout as e:
-            v.update(status="timeout", error=str(e))
-        except Exception as e:  # noqa: BLE001
-            v.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
-        finally:
-            if step is not None:
-                step.trainer.run.close()
-            del step, timing
-            gc.collect()
-            if check.cuda:
-                torch.cuda.empty_cache()
-            if compiled:
-                with contextlib.suppress(Exception):
-                    torch._dynamo.reset()
-        v["seconds"] = round(time.monotonic() - start, 1)
+        step_variant(check, speed, name, [*base, *overrides], v, min(left, cap))
         check.save()
         check.log(f"steps: {name}: {v['status']}" + (f", {v['step_seconds'] * 1e3:.1f} ms/step, "
                                                       f"{v['sentences_per_s']:.0f} sent/s" if v["status"] == "ok"
@@ -394,6 +365,52 @@ def steps(check: Check, deadline: float) -> dict:
     skipped = len(record["variants"]) - len(statuses)
     status = {} if all(s == "ok" for s in statuses) else {"status": "partial" if "ok" in statuses else "error"}
     return {**status, "skipped_variants": skipped}
+
+
+def step_settings(check: Check) -> tuple[list[str], bool]:
+    """The overrides every step variant shares (model, data, batch, row limits) and whether
+    this checkout's config can checkpoint gradients; both recorded in the part."""
+    a = check.args
+    data, kind = check.dataset()
+    model = a.model or ("bert_base" if check.cuda else "tiny")
+    model_overrides = list(BERT_BASE) if model == "bert_base" else [f"model={model}"]
+    base = [*model_overrides, f"data.root={data}", f"data.cache_dir={check.tmp / 'cache'}", "logger=none",
+            f"trainer.device={check.device.type}", f"data.batch_size={a.batch_size}", "data.validation=null",
+            f"data.limit.train={4000 if check.cuda else 100}", "data.limit.dev=64"]
+    has_checkpointing = config_keys()["model.gradient_checkpointing"]
+    check.result["parts"]["steps"].update(
+        settings={"model": model, "overrides": model_overrides, "data": kind, "batch_size": a.batch_size,
+                  "warmup": a.warmup, "steps": a.steps, "rounds": a.rounds},
+        gradient_checkpointing="measured" if has_checkpointing
+        else "skipped: no model.gradient_checkpointing in conf/model", variants={})
+    return base, has_checkpointing
+
+
+def step_variant(check: Check, speed, name: str, overrides: list[str], v: dict, limit: float):
+    """One variant timed (`time_variant`) within `limit` seconds into `v`, or its timeout or
+    error recorded there; then its models freed, and a compiled one's graphs, for the next."""
+    compiled = "trainer.compile=true" in overrides
+    step = timing = None
+    start = time.monotonic()
+    try:
+        with time_limit(limit):
+            step, timing = time_variant(check, speed, overrides, name, v)
+        v["status"] = "ok"
+    except PartTimeout as e:
+        v.update(status="timeout", error=str(e))
+    except Exception as e:  # noqa: BLE001
+        v.update(status="error", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()[-3000:])
+    finally:
+        if step is not None:
+            step.trainer.run.close()
+        del step, timing
+        gc.collect()
+        if check.cuda:
+            torch.cuda.empty_cache()
+        if compiled:
+            with contextlib.suppress(Exception):
+                torch._dynamo.reset()
+    v["seconds"] = round(time.monotonic() - start, 1)
 
 
 def time_variant(check: Check, speed, overrides: list[str], name: str, v: dict):
@@ -555,24 +572,7 @@ OWN_LIMITS = {"tests", "steps", "short_run"}  # a subprocess's timeout or per-va
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mtbert.bench.gpu", description=__doc__.split("\n")[0],
-                                     epilog="Parts: " + ", ".join(PARTS) + ". See the module docstring.")
-    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/gpu.json and DIR/gpu.md")
-    parser.add_argument("--budget-s", type=float, default=450.0,
-                        help="the whole check's time; parts get shares of it (default 450: " +
-                             ", ".join(f"{k} {v}" for k, v in PARTS.items()) + "), with what earlier parts left")
-    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, in this order")
-    parser.add_argument("--allow-cpu", action="store_true",
-                        help="without CUDA, run on the CPU at tiny sizes (to test this command)")
-    parser.add_argument("--synthetic", action="store_true", help="synthetic data even where the real files are")
-    parser.add_argument("--tests", nargs="+", default=["tests/"], metavar="PATH", help="what pytest -m cuda runs")
-    parser.add_argument("--model", choices=["bert_base", "minilm", "tiny"],
-                        help="of the step benchmark (default: bert_base on CUDA, tiny on the CPU)")
-    parser.add_argument("--batch-size", type=int, help="per task (default: 32 on CUDA, 4 on the CPU)")
-    parser.add_argument("--warmup", type=int, help="untimed steps per variant (default: 3 on CUDA, 1 on the CPU)")
-    parser.add_argument("--steps", type=int, help="timed steps per round (default: 10 on CUDA, 1 on the CPU)")
-    parser.add_argument("--rounds", type=int, help="rounds per variant (default: 3 on CUDA, 1 on the CPU)")
-    parser.add_argument("--short-steps", type=int, help="steps of the short run (default: 200 on CUDA, 3 on the CPU)")
+    parser = arguments()
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -601,6 +601,29 @@ def main(argv: list[str] | None = None) -> dict:
         check.save()
         check.log(f"done: {check.out / 'gpu.md'}")
     return check.result
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The check's command line: where it writes, its budget and parts, and the step benchmark's sizes."""
+    parser = argparse.ArgumentParser(prog="python -m mtbert.bench.gpu", description=__doc__.split("\n")[0],
+                                     epilog="Parts: " + ", ".join(PARTS) + ". See the module docstring.")
+    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/gpu.json and DIR/gpu.md")
+    parser.add_argument("--budget-s", type=float, default=450.0,
+                        help="the whole check's time; parts get shares of it (default 450: " +
+                             ", ".join(f"{k} {v}" for k, v in PARTS.items()) + "), with what earlier parts left")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset, in this order")
+    parser.add_argument("--allow-cpu", action="store_true",
+                        help="without CUDA, run on the CPU at tiny sizes (to test this command)")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic data even where the real files are")
+    parser.add_argument("--tests", nargs="+", default=["tests/"], metavar="PATH", help="what pytest -m cuda runs")
+    parser.add_argument("--model", choices=["bert_base", "minilm", "tiny"],
+                        help="of the step benchmark (default: bert_base on CUDA, tiny on the CPU)")
+    parser.add_argument("--batch-size", type=int, help="per task (default: 32 on CUDA, 4 on the CPU)")
+    parser.add_argument("--warmup", type=int, help="untimed steps per variant (default: 3 on CUDA, 1 on the CPU)")
+    parser.add_argument("--steps", type=int, help="timed steps per round (default: 10 on CUDA, 1 on the CPU)")
+    parser.add_argument("--rounds", type=int, help="rounds per variant (default: 3 on CUDA, 1 on the CPU)")
+    parser.add_argument("--short-steps", type=int, help="steps of the short run (default: 200 on CUDA, 3 on the CPU)")
+    return parser
 
 
 if __name__ == "__main__":
