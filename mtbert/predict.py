@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mtbert import console_logging
 from mtbert.batching import encode
-from mtbert.data import RejectedRows, read_split
+from mtbert.data import RejectedRows, Task, read_split
 from mtbert.device import resolve_device, resolve_precision
 from mtbert.evaluate import predict
 from mtbert.rundir import load_model_weights
@@ -65,46 +65,70 @@ def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None)
 
 def write_predictions(run_dir: Path, splits=("dev", "test"), out: Path | None = None,
                       device: str = "auto", data_root: str | None = None) -> list[Path]:
-    cfg, tasks, objectives, encodings, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
+    """Every task's prediction file of each of `splits`, from the run's best checkpoint, into
+    `out` (default RUN_DIR/predictions); the files written."""
+    best = load_best(run_dir, device, data_root)
     results = run_dir / "results.json"
     recorded = (json.loads(results.read_text()).get("data") or {}) if results.is_file() else {}
     out = out or run_dir / "predictions"
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    root = Path(cfg.data.root).expanduser()
+    root = Path(best.cfg.data.root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.root {root} of {run_dir} is not a folder; pass --data-root DIR")
-    for name, task in tasks.items():
+    for name, task in best.tasks.items():
         for split in splits:
-            if split not in task.files:
-                print(f"{name} {split}: data.tasks.{name}.files declares no {split} file, skipped")
-                continue
-            path = root / task.files[split]
-            if not path.is_file():
-                if split != "test":  # the labelled splits are the run's own: they must be there
-                    raise FileNotFoundError(f"{name} {split}: {path} not found; pass --data-root DIR")
-                print(f"{name} {split}: no file {path}, skipped")
-                continue
-            rejected = RejectedRows("skip")
-            rows = read_split(task, path, rejected, labelled=False)
-            trained_on = recorded.get(name, {}).get(split, {}).get("sha256")
-            if trained_on and trained_on != rows.counts["sha256"]:
-                raise ValueError(f"{name} {split}: {path} is not the file the run evaluated "
-                                 f"(SHA-256 {rows.counts['sha256'][:12]}, was {trained_on[:12]}); pass "
-                                 "--data-root with the run's data")
-            enc = encode(rows, tokenizer, cfg.data.max_length,
-                         encodings[name] == "siamese", cfg.data.cache_dir)
-            values = predict(model, task, objectives[name], enc, dev, precision)
-            target = out / f"{name}-{split}-output.csv"
-            with open(target, "w") as f:
-                f.write(f"id \t {task.prediction_header} \n")
-                for row_id, value in zip(rows.ids, values.tolist()):
-                    text = str(int(value)) if task.classes else f"{value:.6g}"
-                    f.write(f"{row_id} , {text} \n")
-            print(f"{name} {split}: {len(rows)} predictions -> {target}"
-                  + (f" ({len(rejected.rows)} unusable rows skipped)" if rejected.rows else ""))
-            written.append(target)
+            path = split_file(root, task, split)
+            if path is not None:
+                trained_on = recorded.get(name, {}).get(split, {}).get("sha256")
+                written.append(predict_split(best, task, split, path, trained_on, out))
     return written
+
+
+def split_file(root: Path, task: Task, split: str) -> Path | None:
+    """The task's file of `split`, or None (said) where the task declares none or, for the
+    unlabelled test split, where it is missing; a missing labelled split is the run's own: an error."""
+    name = task.name
+    if split not in task.files:
+        print(f"{name} {split}: data.tasks.{name}.files declares no {split} file, skipped")
+        return None
+    path = root / task.files[split]
+    if not path.is_file():
+        if split != "test":  # the labelled splits are the run's own: they must be there
+            raise FileNotFoundError(f"{name} {split}: {path} not found; pass --data-root DIR")
+        print(f"{name} {split}: no file {path}, skipped")
+        return None
+    return path
+
+
+def predict_split(best: Best, task: Task, split: str, path: Path, trained_on: str | None, out: Path) -> Path:
+    """The prediction file of one task's split, from every usable row of `path`; refused
+    where the file is not the one the run recorded (`trained_on`, its SHA-256)."""
+    name = task.name
+    rejected = RejectedRows("skip")
+    rows = read_split(task, path, rejected, labelled=False)
+    if trained_on and trained_on != rows.counts["sha256"]:
+        raise ValueError(f"{name} {split}: {path} is not the file the run evaluated "
+                         f"(SHA-256 {rows.counts['sha256'][:12]}, was {trained_on[:12]}); pass "
+                         "--data-root with the run's data")
+    cfg = best.cfg
+    enc = encode(rows, best.tokenizer, cfg.data.max_length, best.encodings[name] == "siamese", cfg.data.cache_dir)
+    values = predict(best.model, task, best.objectives[name], enc, best.device, best.precision)
+    target = out / f"{name}-{split}-output.csv"
+    write_prediction_file(target, task, rows.ids, values.tolist())
+    print(f"{name} {split}: {len(rows)} predictions -> {target}"
+          + (f" ({len(rejected.rows)} unusable rows skipped)" if rejected.rows else ""))
+    return target
+
+
+def write_prediction_file(path: Path, task: Task, ids: list[str], values: list[float]):
+    """A CS224N prediction file: a header `id \\t <task's column>`, then `id , prediction`
+    lines (`read_predictions` reads it back)."""
+    with open(path, "w") as f:
+        f.write(f"id \t {task.prediction_header} \n")
+        for row_id, value in zip(ids, values):
+            text = str(int(value)) if task.classes else f"{value:.6g}"
+            f.write(f"{row_id} , {text} \n")
 
 
 def read_predictions(path: Path) -> dict[str, float]:
