@@ -159,6 +159,33 @@ class GradientMethod:
         distributed.average_([p.grad for p in heads if p.grad is not None])
         return grads
 
+    def collect_by_task(self, task_losses: Iterable[dict[str, Tensor]], tasks: list[str], shared: list[nn.Parameter],
+                        heads: list[nn.Parameter], diagnose: bool = False) -> TaskGradients | None:
+        """`collect` with one task's graph alive at a time: `task_losses` yields each task's
+        loss as its forward ends, and its backward runs before the next task's forward, so a
+        step holds one task's activations instead of every task's. The gradients are
+        `collect`'s, bit for bit. A task gradient is its own backward either way. A sum is one
+        backward of the summed loss, which adds the tasks' gradients at each parameter in the
+        order autograd reaches them, the last task's graph first (it runs the newest nodes
+        first): so the gradients of all but the last two tasks are set aside and added after
+        theirs, last to first."""
+        if diagnose or not self.sums(tasks):
+            return self.accumulate(task_losses, tasks, shared, heads, per_task=True)
+        params = [*shared, *heads]
+        set_aside = []
+        for n, losses in enumerate(task_losses):
+            sum(losses.values()).backward()
+            if n < len(tasks) - 2:
+                set_aside.append([p.grad for p in params])
+                for p in params:
+                    p.grad = None
+        for grads in reversed(set_aside):
+            for p, g in zip(params, grads):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+        distributed.average_([p.grad for p in params if p.grad is not None])
+        return None
+
     def accumulate(self, micro_losses: Iterable[dict[str, Tensor]], tasks: list[str], shared: list[nn.Parameter],
                    heads: list[nn.Parameter], per_task: bool) -> TaskGradients | None:
         """`collect` for a step in micro-batches (`trainer.accumulate`), each one's losses its

@@ -88,20 +88,45 @@ class Trainer:
         s = self.setup
         diagnose = bool(self.grad_every) and self.step % self.grad_every == 0
         shared = [p for p in self.shared if p.requires_grad]
-        if self.tcfg.accumulate > 1:
-            losses, grads = self.accumulated(batches, shared, diagnose)
-        else:
+        if self.tcfg.accumulate == 1 and s.weighting.reweights:  # weights from every task's loss: all graphs at once
             losses = self.task_losses(batches)
-        if self.tcfg.on_nonfinite == "error":
-            self.nonfinite.note(self.step, {t: loss.detach() for t, loss in losses.items()})
-        elif bad := nonfinite_tasks(losses):
-            s.optimizer.zero_grad(set_to_none=True)
-            self.skip(bad)
-            return {}
-        if self.tcfg.accumulate == 1:
+            if not self.finite(losses):
+                return {}
             grads = s.gradient.collect(self.scaled(s.weighting.weigh(losses)), shared, self.heads, diagnose)
+        else:
+            step = self.accumulated if self.tcfg.accumulate > 1 else self.by_task
+            losses, grads = step(batches, shared, diagnose)
+            if not self.finite(losses):
+                return {}
         self.update(grads, shared, diagnose, batches)
         return {t: loss.detach() for t, loss in losses.items()}
+
+    def finite(self, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether the step goes on: the losses are noted for the non-finite check (with
+        `on_nonfinite=error`, made at the next check without waiting for the device), or, with
+        `skip`, a step with a non-finite loss is skipped and counted here."""
+        if self.tcfg.on_nonfinite == "error":
+            self.nonfinite.note(self.step, {t: loss.detach() for t, loss in losses.items()})
+            return True
+        if bad := nonfinite_tasks(losses):
+            self.setup.optimizer.zero_grad(set_to_none=True)
+            self.skip(bad)
+            return False
+        return True
+
+    def by_task(self, batches: dict[str, Batch], shared: list, diagnose: bool):
+        """The step's task losses and gradients, each task's backward run before the next
+        task's forward (`GradientMethod.collect_by_task`): one task's activations in memory at
+        a time, the same gradients. For weightings whose weights are all 1."""
+        losses = {}
+
+        def each_task():
+            for t, batch in batches.items():
+                losses.update(self.task_losses({t: batch}))
+                yield self.scaled({t: losses[t]})
+
+        grads = self.setup.gradient.collect_by_task(each_task(), list(batches), shared, self.heads, diagnose)
+        return losses, grads
 
     def scaled(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """fp16: the losses times the loss scale, so that small gradients survive in fp16."""

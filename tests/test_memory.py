@@ -1,9 +1,14 @@
-"""Less memory, the same update: activation checkpointing (and gradient accumulation)."""
+"""Less memory, the same update: one task's graph at a time, activation checkpointing and
+gradient accumulation."""
 
 import pytest
 import torch
 from conftest import compose_config, write_cs224n
 
+from mtbert.batching import collate
+from mtbert.build import Setup
+from mtbert.device import autocast
+from mtbert.gradients import Sum
 from mtbert.rundir import RunDir
 from mtbert.trainer import Trainer
 
@@ -56,3 +61,80 @@ def test_accumulated_micro_batches_make_the_whole_batch_update(method, tmp_path)
         torch.testing.assert_close(y[k], x[k], rtol=1e-4, atol=1e-6, msg=k)
     if whole.setup.weighting.reweights:
         torch.testing.assert_close(micro.setup.weighting.applied, whole.setup.weighting.applied, rtol=1e-4, atol=1e-6)
+
+
+def built(tmp_path, *overrides) -> Setup:
+    data = write_cs224n(tmp_path / "data", n=16)
+    cfg = compose_config("model=tiny", "logger=none", "data.validation=null", *overrides, data=data,
+                         cache=tmp_path / "cache")
+    s = Setup(cfg, RunDir(tmp_path / "run"))
+    s.model.train()
+    return s
+
+
+def each_task_loss(s: Setup, size: int = 8):
+    """Each task's loss as the trainer makes it (its own autocast, dropout drawn), one at a time."""
+    for t in s.tasks:
+        batch = collate(s.train[t], torch.arange(size), s.tokenizer.pad_token_id)
+        with autocast(s.device, s.precision):
+            output = s.model(t, batch)
+        yield {t: s.objectives[t].loss(output, batch.labels, s.tasks[t])}
+
+
+@pytest.mark.parametrize("overrides", [
+    ("trainer.precision=fp32",), ("trainer.precision=bf16",), ("sharing=top_layers", "trainer.precision=bf16"),
+    ("sharing=lora", "sharing.train_base=true"), ("regularizer=smart", "trainer.precision=fp32"),
+    ("regularizer=smart", "trainer.precision=bf16"),
+    ("loss=baseline", "sharing=mmoe"),
+], ids=" ".join)
+def test_one_task_graph_at_a_time_gives_the_summed_loss_gradient_bit_for_bit(overrides, tmp_path):
+    """The default step (Sum, equal weights) runs each task's backward before the next task's
+    forward; its gradients equal one backward of the summed loss to the bit, though float sums
+    depend on their order (the first task's gradient added first would differ)."""
+    s = built(tmp_path, *overrides)
+    params = [p for p in s.model.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    losses = {t: loss for one in each_task_loss(s) for t, loss in one.items()}
+    sum(losses.values()).backward()
+    summed = [p.grad for p in params]
+    s.model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    shared = s.model.shared_parameters()
+    heads = [p for own in s.model.task_parameters().values() for p in own]
+    Sum().collect_by_task(each_task_loss(s), list(s.tasks), shared, heads)
+    assert sum(g is not None for g in summed) > 10
+    for p, g in zip(params, summed):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+def test_one_task_graph_at_a_time_holds_one_tasks_activations(tmp_path):
+    """What autograd keeps for the backward, at its most, in a step of three tasks: the
+    summed loss's one backward keeps every task's, the default step one task's at a time."""
+    s = built(tmp_path, "trainer.precision=fp32")
+    shared = s.model.shared_parameters()
+    heads = [p for own in s.model.task_parameters().values() for p in own]
+
+    def peak_saved(collect) -> int:
+        alive, peak = [0], [0]
+
+        class Saved:
+            def __init__(self, tensor):
+                self.tensor, self.size = tensor, tensor.numel() * tensor.element_size()
+                alive[0] += self.size
+                peak[0] = max(peak[0], alive[0])
+
+            def __del__(self):
+                alive[0] -= self.size
+
+        with torch.autograd.graph.saved_tensors_hooks(Saved, lambda saved: saved.tensor):
+            collect()
+        s.model.zero_grad(set_to_none=True)
+        return peak[0]
+
+    def summed():
+        losses = {t: loss for one in each_task_loss(s, 16) for t, loss in one.items()}
+        Sum().collect(losses, shared, heads)
+
+    at_once = peak_saved(summed)
+    by_task = peak_saved(lambda: Sum().collect_by_task(each_task_loss(s, 16), list(s.tasks), shared, heads))
+    assert by_task < 0.6 * at_once, (by_task, at_once)
