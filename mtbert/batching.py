@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -89,14 +90,21 @@ def encode(split: Split, tokenizer, max_length: int, siamese: bool = False,
 
 def tokenizer_digest(tokenizer) -> str:
     """SHA-256 of the tokenizer's definition (vocabulary, normalizer, ...): what a run
-    records to resume with the same tokens, and part of the cache key."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise TypeError("mtbert needs a fast (tokenizers-backed) tokenizer")
-    definition = json.loads(backend.to_str())
-    definition.pop("truncation", None)  # per-call settings, changed by every call
-    definition.pop("padding", None)
-    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+    records to resume with the same tokens, and part of the cache key. Computed once per
+    tokenizer (a tenth of a second for a 30k vocabulary, and every split's cache key needs
+    it); mtbert never changes a tokenizer after loading it."""
+    if tokenizer not in _DIGESTS:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise TypeError("mtbert needs a fast (tokenizers-backed) tokenizer")
+        definition = json.loads(backend.to_str())
+        definition.pop("truncation", None)  # per-call settings, changed by every call
+        definition.pop("padding", None)
+        _DIGESTS[tokenizer] = hashlib.sha256(json.dumps(definition, sort_keys=True).encode()).hexdigest()
+    return _DIGESTS[tokenizer]
+
+
+_DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _cache_key(split: Split, tokenizer, max_length: int, siamese: bool) -> str:

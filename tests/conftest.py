@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import random
+import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -87,15 +91,51 @@ def compose_config(*overrides: str, data: Path | None = None, cache: Path | None
         return compose("train", overrides=[*paths, *overrides])
 
 
-def run_train(*overrides: str, cwd: Path, data: Path, check: bool = True,
+def run_train(*overrides: str, cwd: Path, data: Path, check: bool = True, process: bool = False,
               timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run train.py as a user would, with its run directory under `cwd`."""
-    env = {**os.environ, "MTBERT_DATA_DIR": str(data), "MTBERT_CACHE_DIR": str(cwd / "cache")}
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """Run train.py as a user would, with its run directory under `cwd`: in this process
+    (the same entry point, argv, folder and environment, without paying the imports
+    again), or with `process=True` in its own, for what only a process shows (signals,
+    threads, a record of a process that died)."""
+    env = {"MTBERT_DATA_DIR": str(data), "MTBERT_CACHE_DIR": str(cwd / "cache")}
+    command = [sys.executable, str(ROOT / "train.py"), *overrides]
+    if process:
+        proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True,
+                              text=True, timeout=timeout)
+    else:
+        proc = train_here(command, cwd, env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def train_here(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """`python train.py ...` in this process: its output captured, its exit status what the
+    interpreter would give (a message passed to sys.exit goes to stderr, status 1), and the
+    process's folder, environment, argv and signal handlers as they were afterwards."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = (os.getcwd(), dict(os.environ), sys.argv,
+             {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)})
+    code = 0
+    try:
+        os.chdir(cwd)
+        os.environ.update(env)
+        sys.argv = command[1:]
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(command[1], run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        os.chdir(saved[0])
+        os.environ.clear()
+        os.environ.update(saved[1])
+        sys.argv = saved[2]
+        for sig, handler in saved[3].items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
 def read_results(run_dir: Path) -> dict:

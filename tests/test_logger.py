@@ -155,7 +155,7 @@ def test_offline_run_has_config_history_summary_and_files(wandb_env, data_dir, m
 
 def test_resumed_run_continues_its_wandb_run(wandb_env, data_dir):
     train("hydra.run.dir=run", cwd=wandb_env, data=data_dir)
-    run_train("resume=run", cwd=wandb_env, data=data_dir)
+    run_train("resume=run", cwd=wandb_env, data=data_dir, process=True)  # W&B keeps state in its process
     first, second = offline_runs(wandb_env / "run")
     run_id = (wandb_env / "run" / "wandb_run_id").read_text().strip()
     assert first["run"].run_id == second["run"].run_id == run_id  # `wandb sync` merges them
