@@ -110,9 +110,21 @@ def run_train(*overrides: str, cwd: Path, data: Path, check: bool = True, proces
 
 
 def train_here(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """`python train.py ...` in this process: its output captured, its exit status what the
-    interpreter would give (a message passed to sys.exit goes to stderr, status 1), and the
-    process's folder, environment, argv and signal handlers as they were afterwards."""
+    """`python train.py ...` in this process (see `here`)."""
+    return here(lambda: runpy.run_path(command[1], run_name="__main__"), command, cwd, env)
+
+
+def run_module(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS` in this process (see `here`)."""
+    return here(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True),
+                [sys.executable, "-m", module, *args], cwd, env or {})
+
+
+def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run a command's entry point in this process, as the command would: argv, folder and
+    environment set, its output captured, its exit status what the interpreter would give (a
+    message passed to sys.exit goes to stderr, status 1); folder, environment, argv and
+    signal handlers restored afterwards."""
     out, err = io.StringIO(), io.StringIO()
     saved = (os.getcwd(), dict(os.environ), sys.argv,
              {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)})
@@ -120,10 +132,10 @@ def train_here(command: list[str], cwd: Path, env: dict) -> subprocess.Completed
     try:
         os.chdir(cwd)
         os.environ.update(env)
-        sys.argv = command[1:]
+        sys.argv = [command[2] if command[1] == "-m" else command[1], *command[3 if command[1] == "-m" else 2:]]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                runpy.run_path(command[1], run_name="__main__")
+                run()
             except SystemExit as e:
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)

@@ -2,14 +2,11 @@
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import run_train
+from conftest import run_module, run_train
 from mtbert.analyze import analyze, classification
 from mtbert.data import Split, Task
 
@@ -41,10 +38,8 @@ def test_analyze_a_tiny_run(tmp_path, data_dir):
     run_dir = tmp_path / "run"
     run_train("model=tiny", "budget=smoke", "logger=none", f"hydra.run.dir={run_dir}",
               cwd=tmp_path, data=data_dir)
-    proc = subprocess.run([sys.executable, "-m", "mtbert.analyze", str(run_dir), "--top", "3"],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={**os.environ, "MTBERT_DATA_DIR": str(data_dir),
-                               "MTBERT_CACHE_DIR": str(tmp_path / "cache")})
+    proc = run_module("mtbert.analyze", str(run_dir), "--top", "3", cwd=tmp_path,
+                      env={"MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     out = run_dir / "analysis"
     for task in ("sst", "para"):

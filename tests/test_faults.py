@@ -168,6 +168,7 @@ def test_resume_with_every_checkpoint_deleted_refuses(tmp_path, data_dir):
     assert read_results(run_dir)["status"] == "interrupted"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path, data_dir):
     """With a checkpoint every step, a run killed outright resumes from its last one, ends
     bit-identical to a run never stopped, and logs no step twice."""

@@ -120,6 +120,7 @@ mtbert.rundir._verified_bytes = _stopped
 """
 
 
+@pytest.mark.slow
 def test_sigterm_while_a_resume_loads_its_checkpoint_leaves_it_resumable(tmp_path, data_dir):
     run = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null", "data.batch_size=4",
            "trainer.epochs=1", "trainer.precision=fp32")

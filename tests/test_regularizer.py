@@ -198,6 +198,7 @@ def test_trains_end_to_end(extra, tmp_path, data_dir):
     assert "regularizer smart (weight 1, step_size 1e-05" in log and "| smart sst " in log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [("regularizer=smart", "optim=pcgrad"),
                                    ("regularizer=smart", "regularizer.bregman=1", "trainer.accumulate=2")],
                          ids=" ".join)

@@ -31,18 +31,24 @@ def final_model(run_dir: Path) -> dict:
     return load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
 
 
+SLOW = pytest.mark.slow  # the first case stays in the quick loop
+
+
 @pytest.mark.parametrize("extra", [("sampler=rr_over", "optim=pcgrad", "schedule=paper"),
-                                   ("sampler=annealed", "trainer.evals_per_epoch=2"),
-                                   ("weighting=famo", "optim=nash_mtl"),  # a scalarizer, an aggregator
-                                   ("weighting=gradnorm", "optim=gradvac"),
+                                   pytest.param(("sampler=annealed", "trainer.evals_per_epoch=2"), marks=SLOW),
+                                   # a scalarizer, an aggregator
+                                   pytest.param(("weighting=famo", "optim=nash_mtl"), marks=SLOW),
+                                   pytest.param(("weighting=gradnorm", "optim=gradvac"), marks=SLOW),
                                    # a task's own top layers, adapters (the base trained too), gates
-                                   ("sharing=top_layers", "optim=pcgrad", "schedule=paper"),
-                                   ("sharing=lora", "sharing.train_base=true", "optim=pcgrad"),
-                                   ("sharing=mmoe", "weighting=uw"),
+                                   pytest.param(("sharing=top_layers", "optim=pcgrad", "schedule=paper"), marks=SLOW),
+                                   pytest.param(("sharing=lora", "sharing.train_base=true", "optim=pcgrad"), marks=SLOW),
+                                   pytest.param(("sharing=mmoe", "weighting=uw"), marks=SLOW),
                                    # fp16: overflows skip steps early, then the scale grows every 3 steps;
                                    # each step in 2 micro-batches
-                                   ("trainer.precision=fp16", "optim=pcgrad", "trainer.grad_scaler.init_scale=1e9",
-                                    "trainer.grad_scaler.growth_interval=3", "trainer.accumulate=2")])
+                                   pytest.param(("trainer.precision=fp16", "optim=pcgrad",
+                                                 "trainer.grad_scaler.init_scale=1e9",
+                                                 "trainer.grad_scaler.growth_interval=3", "trainer.accumulate=2"),
+                                                marks=SLOW)])
 def test_sigterm_then_resume_matches_uninterrupted_run(extra, tmp_path, data_dir):
     whole = tmp_path / "whole"
     run_train(*RUN, *extra, f"hydra.run.dir={whole}", cwd=tmp_path, data=data_dir)

@@ -5,9 +5,6 @@ best checkpoint; a config saved before the group means hard sharing; mistakes ar
 (Resume and 2-rank DDP: tests/test_resume.py and tests/test_distributed.py.)"""
 
 import csv
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +12,7 @@ import torch
 from hydra.errors import MissingConfigException
 from omegaconf import open_dict
 
-from conftest import compose_config, read_results, run_train
+from conftest import compose_config, read_results, run_module, run_train
 from test_encoders import tiny
 from mtbert.analyze import analyze
 from mtbert.batching import Batch
@@ -162,9 +159,8 @@ def test_predict_and_analyze_from_the_best_checkpoint(option, tmp_path, data_dir
     run_dir = tmp_path / "run"
     run_train("model=tiny", "budget=smoke", "logger=none", f"sharing={option}", f"hydra.run.dir={run_dir}",
               cwd=tmp_path, data=data_dir)
-    env = {**os.environ, "MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env)
+    proc = run_module("mtbert.predict", str(run_dir), cwd=tmp_path,
+                      env={"MTBERT_DATA_DIR": str(data_dir), "MTBERT_CACHE_DIR": str(tmp_path / "cache")})
     assert proc.returncode == 0, proc.stderr
     assert len((run_dir / "predictions" / "sst-dev-output.csv").read_text().splitlines()) == 61
     # the best checkpoint, rebuilt with its task layers or adapters, scores what the run recorded for it

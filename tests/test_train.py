@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import read_results, run_train
+from conftest import read_results, run_module, run_train
 
 SMOKE = ("model=tiny", "budget=smoke")
 
@@ -112,22 +112,17 @@ def test_same_seed_same_run(tmp_path, data_dir):
 
 
 def test_predict_writes_cs224n_files(tmp_path, data_dir):
-    import subprocess
-    import sys
     run_dir = tmp_path / "run"
     run_train(*SMOKE, "loss=cosine", f"hydra.run.dir={run_dir}", cwd=tmp_path, data=data_dir)
-    proc = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir)],
-                          capture_output=True, text=True, cwd=tmp_path,
-                          env={**__import__("os").environ, "MTBERT_DATA_DIR": str(data_dir)})
+    data = {"MTBERT_DATA_DIR": str(data_dir)}
+    proc = run_module("mtbert.predict", str(run_dir), cwd=tmp_path, env=data)
     assert proc.returncode == 0, proc.stderr
     assert "para test: no file" in proc.stdout and "skipped" in proc.stdout
-    moved = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir), "--data-root", str(tmp_path / "gone")],
-                           capture_output=True, text=True, cwd=tmp_path)
+    moved = run_module("mtbert.predict", str(run_dir), "--data-root", str(tmp_path / "gone"), cwd=tmp_path)
     assert moved.returncode == 1 and f"data.root {tmp_path / 'gone'} of {run_dir} is not a folder" in moved.stderr
     sst_dev = data_dir / "ids-sst-dev.csv"
     sst_dev.write_text(sst_dev.read_text() + "60\tfeedbeef\tanother film .\t2\n")
-    changed = subprocess.run([sys.executable, "-m", "mtbert.predict", str(run_dir)], capture_output=True, text=True,
-                             cwd=tmp_path, env={**__import__("os").environ, "MTBERT_DATA_DIR": str(data_dir)})
+    changed = run_module("mtbert.predict", str(run_dir), cwd=tmp_path, env=data)
     assert changed.returncode == 1 and "sst dev: " in changed.stderr and "is not the file the run evaluated" in changed.stderr
     out = run_dir / "predictions"
     assert sorted(p.name for p in out.iterdir()) == [

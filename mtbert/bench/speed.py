@@ -67,6 +67,7 @@ from mtbert.paper import PAPER_KEYS, label
 from mtbert.regularizer import Smart
 from mtbert.rundir import RunDir, read_events
 from mtbert.build import build_network, param_groups
+from mtbert.checks import run_reads
 from mtbert.config import row_limit
 from mtbert.trainer import Trainer
 
@@ -441,7 +442,8 @@ def run(args) -> dict:
     and timed in interleaved rounds, the ratios, the dev evaluation and the short run."""
     device, precision, config = setting(args)
     info = machine(device)
-    for override in args.variant:  # a variant's bad key stops the bench before any model is built
+    run_reads(config("optim=adam"))  # a bad option or data folder stops the bench before any process starts
+    for override in args.variant:  # as does a variant's bad key
         config("optim=adam", *override.split())
     memory = None
     if args.memory:  # before this process loads its variants, so that the two never add up
