@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import importlib
 import io
 import json
 import os
@@ -115,9 +116,9 @@ def train_here(command: list[str], cwd: Path, env: dict) -> subprocess.Completed
 
 
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m MODULE ARGS` in this process (see `here`)."""
-    return here(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True),
-                [sys.executable, "-m", module, *args], cwd, env or {})
+    """`python -m MODULE ARGS` in this process: its `main()`, what its `__main__` block calls
+    (see `here`)."""
+    return here(lambda: importlib.import_module(module).main(), [sys.executable, "-m", module, *args], cwd, env or {})
 
 
 def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:

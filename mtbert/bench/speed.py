@@ -442,9 +442,9 @@ def run(args) -> dict:
     and timed in interleaved rounds, the ratios, the dev evaluation and the short run."""
     device, precision, config = setting(args)
     info = machine(device)
-    run_reads(config("optim=adam"))  # a bad option or data folder stops the bench before any process starts
-    for override in args.variant:  # as does a variant's bad key
+    for override in args.variant:  # a variant's bad key stops the bench before any process starts
         config("optim=adam", *override.split())
+    run_reads(config("optim=adam"))  # as does a bad option or data folder
     memory = None
     if args.memory:  # before this process loads its variants, so that the two never add up
         memory = memory_per_variant(args, variant_names(args, precision) + (["eval"] if args.eval else []))
