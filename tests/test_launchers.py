@@ -80,6 +80,7 @@ def children(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_joblib_sweep(tmp_path, data_dir):
     sweep = tmp_path / "sweep"
     run_train("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}",

@@ -153,6 +153,7 @@ def test_offline_run_has_config_history_summary_and_files(wandb_env, data_dir, m
     assert [a.type for a in run["artifacts"] if a.type == "model"] == ["model"]
 
 
+@pytest.mark.slow  # W&B's service process; the offline run above stays in the quick loop
 def test_resumed_run_continues_its_wandb_run(wandb_env, data_dir):
     train("hydra.run.dir=run", cwd=wandb_env, data=data_dir)
     run_train("resume=run", cwd=wandb_env, data=data_dir, process=True)  # W&B keeps state in its process
@@ -161,6 +162,7 @@ def test_resumed_run_continues_its_wandb_run(wandb_env, data_dir):
     assert first["run"].run_id == second["run"].run_id == run_id  # `wandb sync` merges them
 
 
+@pytest.mark.slow  # W&B's service process; the offline run above stays in the quick loop
 def test_multirun_without_api_key_is_offline_and_grouped(wandb_env, data_dir):
     """A new user's sweep: no key, no WANDB_MODE, stdin closed; each job its own run, in
     the run directory, one group for the sweep."""
@@ -176,6 +178,7 @@ def test_multirun_without_api_key_is_offline_and_grouped(wandb_env, data_dir):
     assert runs[0]["run"].run_id != runs[1]["run"].run_id
 
 
+@pytest.mark.slow  # W&B's service process; the offline run above stays in the quick loop
 def test_failed_run_is_finished_failed(wandb_env, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     proc = train("hydra.run.dir=run", "optim.lr.encoder=0", cwd=wandb_env, data=data_dir, check=False)
@@ -189,6 +192,7 @@ def test_failed_run_is_finished_failed(wandb_env, data_dir, monkeypatch):
     assert not (wandb_env / "early" / "wandb").exists()
 
 
+@pytest.mark.slow  # W&B's service process; the offline run above stays in the quick loop
 def test_online_without_network_falls_back_to_offline(wandb_env, data_dir, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", DUMMY_KEY)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
