@@ -282,7 +282,8 @@ TEST_SUMMARY = re.compile(r"(\d+) (passed|failed|skipped|deselected|errors?|xfai
 
 
 def tests(check: Check, deadline: float) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", *check.args.tests]
+    # one process (-n 0): the tests measure the one GPU's memory, which parallel workers would share
+    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "-n", "0", *check.args.tests]
     rc, output = run_command(cmd, deadline - time.monotonic(), child_env())
     counts = {}
     for line in reversed(output.splitlines()):  # pytest's last line: "3 passed, 2 skipped, 500 deselected in 9.1s"
