@@ -7,6 +7,7 @@ import csv
 import importlib
 import io
 import json
+import logging
 import os
 import random
 import runpy
@@ -124,11 +125,12 @@ def run_module(module: str, *args: str, cwd: Path, env: dict | None = None) -> s
 def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     """Run a command's entry point in this process, as the command would: argv, folder and
     environment set, its output captured, its exit status what the interpreter would give (a
-    message passed to sys.exit goes to stderr, status 1); folder, environment, argv and
-    signal handlers restored afterwards."""
+    message passed to sys.exit goes to stderr, status 1); folder, environment, argv,
+    signal handlers and root logger restored afterwards."""
     out, err = io.StringIO(), io.StringIO()
     saved = (os.getcwd(), dict(os.environ), sys.argv,
-             {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)})
+             {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)},
+             logging.root.handlers[:], logging.root.level)
     code = 0
     try:
         os.chdir(cwd)
@@ -148,6 +150,10 @@ def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedP
         sys.argv = saved[2]
         for sig, handler in saved[3].items():
             signal.signal(sig, handler)
+        for handler in set(logging.root.handlers) - set(saved[4]):  # Hydra's, to the run's train.log
+            handler.close()
+        logging.root.handlers[:] = saved[4]
+        logging.root.setLevel(saved[5])
     return subprocess.CompletedProcess(command, code, out.getvalue(), err.getvalue())
 
 
