@@ -105,25 +105,21 @@ def run_train(*overrides: str, cwd: Path, data: Path, check: bool = True, proces
         proc = subprocess.run(command, cwd=cwd, env={**os.environ, **env}, capture_output=True,
                               text=True, timeout=timeout)
     else:
-        proc = train_here(command, cwd, env)
+        proc = here(lambda: runpy.run_path(command[1], run_name="__main__"), command, command[1:], cwd, env)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
 
 
-def train_here(command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """`python train.py ...` in this process (see `here`)."""
-    return here(lambda: runpy.run_path(command[1], run_name="__main__"), command, cwd, env)
-
-
 def run_module(module: str, *args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS` in this process: its `main()`, what its `__main__` block calls
     (see `here`)."""
-    return here(lambda: importlib.import_module(module).main(), [sys.executable, "-m", module, *args], cwd, env or {})
+    return here(lambda: importlib.import_module(module).main(), [sys.executable, "-m", module, *args],
+                [module, *args], cwd, env or {})
 
 
-def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    """Run a command's entry point in this process, as the command would: argv, folder and
+def here(run, command: list[str], argv: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run a command's entry point in this process, as the command would: `argv`, folder and
     environment set, its output captured, its exit status what the interpreter would give (a
     message passed to sys.exit goes to stderr, status 1); folder, environment, argv,
     signal handlers and root logger restored afterwards."""
@@ -135,7 +131,7 @@ def here(run, command: list[str], cwd: Path, env: dict) -> subprocess.CompletedP
     try:
         os.chdir(cwd)
         os.environ.update(env)
-        sys.argv = [command[2] if command[1] == "-m" else command[1], *command[3 if command[1] == "-m" else 2:]]
+        sys.argv = argv
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 run()
