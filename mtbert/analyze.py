@@ -11,7 +11,8 @@ of prediction against gold (`<task>_scatter.png`) and the residual by gold bin
 the largest absolute error), the metric by sentence-length bin (`<task>_by_length.csv`),
 and `summary.md` with all of it in short. The paper picked its three examples by hand;
 here the rule picks them, for every task the run evaluated (`trainer.eval_tasks`), of
-either kind.
+either kind. The model's modules (torch, transformers, scipy, matplotlib) load where they
+are used, so that `--help` and a wrong folder answer at once.
 """
 
 from __future__ import annotations
@@ -22,22 +23,21 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
-from scipy import stats
 
 from mtbert import console_logging
-from mtbert.batching import encode
 from mtbert.data import RejectedRows, Split, Task, read_split
 from mtbert.errors import DataError
-from mtbert.evaluate import predict
 from mtbert.predict import load_best
-from mtbert.config import evaluated_tasks, row_limit
 
 LENGTH_BINS = 5  # sentence-length bins, by quantile of the dev set's lengths
 
 
 def analyze(run_dir: Path, top: int = 10, device: str = "auto", data_root: str | None = None) -> Path:
     cfg, tasks, objectives, encodings, model, tokenizer, dev, precision = load_best(run_dir, device, data_root)
+    from mtbert.batching import encode
+    from mtbert.config import evaluated_tasks, row_limit
+    from mtbert.evaluate import predict
+
     out = run_dir / "analysis"
     out.mkdir(exist_ok=True)
     summary = [f"# Error analysis of {run_dir}", "", "From `checkpoints/best.safetensors` on the dev files.", ""]
@@ -99,6 +99,8 @@ def classification(task: Task, rows: Split, gold: np.ndarray, probs: np.ndarray,
 
 def regression(task: Task, rows: Split, gold: np.ndarray, pred: np.ndarray, top: int,
                out: Path) -> list[str]:
+    from scipy import stats
+
     residual = pred - gold
     r = stats.pearsonr(pred, gold).statistic if np.ptp(pred) > 0 else float("nan")
     plot_scatter(task, gold, pred, r, out / f"{task.name}_scatter.png")
@@ -164,6 +166,8 @@ def write_csv(path: Path, header: list, rows: list[list]):
 
 
 def plot_confusion(task: Task, confusion: np.ndarray, path: Path):
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(1.2 * task.classes + 2, 1.2 * task.classes + 1.5), layout="constrained")
     ax = fig.subplots()
     normalised = confusion / confusion.sum(1, keepdims=True).clip(min=1)
@@ -177,6 +181,8 @@ def plot_confusion(task: Task, confusion: np.ndarray, path: Path):
 
 
 def plot_scatter(task: Task, gold: np.ndarray, pred: np.ndarray, r: float, path: Path):
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5, 5), layout="constrained")
     ax = fig.subplots()
     ax.scatter(gold, pred, s=6, alpha=0.4)

@@ -15,19 +15,15 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mtbert import console_logging
-from mtbert.batching import encode
 from mtbert.data import RejectedRows, Task, read_split
-from mtbert.device import resolve_device, resolve_precision
-from mtbert.evaluate import predict
-from mtbert.rundir import load_model_weights
-from mtbert.build import build_network
-from mtbert.compat import current_terms
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("mtbert.predict")
 
@@ -47,12 +43,18 @@ class Best(NamedTuple):
 
 def load_best(run_dir: Path, device: str = "auto", data_root: str | None = None) -> Best:
     """The run's config and `checkpoints/best.safetensors` on `device`; `data_root`
-    replaces the run's data.root."""
+    replaces the run's data.root. The model's modules (torch, transformers) load once the
+    run's files are found, so that `--help` and a wrong folder answer at once."""
     config = run_dir / ".hydra" / "config.yaml"
     checkpoint = run_dir / "checkpoints" / "best.safetensors"
     for path in (config, checkpoint):
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {run_dir} a finished mtbert run directory?")
+    from mtbert.build import build_network
+    from mtbert.compat import current_terms
+    from mtbert.device import resolve_device, resolve_precision
+    from mtbert.rundir import load_model_weights
+
     cfg = current_terms(OmegaConf.load(config))
     if data_root:
         cfg.data.root = data_root
@@ -104,6 +106,9 @@ def split_file(root: Path, task: Task, split: str) -> Path | None:
 def predict_split(best: Best, task: Task, split: str, path: Path, trained_on: str | None, out: Path) -> Path:
     """The prediction file of one task's split, from every usable row of `path`; refused
     where the file is not the one the run recorded (`trained_on`, its SHA-256)."""
+    from mtbert.batching import encode
+    from mtbert.evaluate import predict
+
     name = task.name
     rejected = RejectedRows("skip")
     rows = read_split(task, path, rejected, labelled=False)

@@ -1,6 +1,7 @@
 """The run directory contract (README, "What a run writes"): metrics.jsonl as training
 goes, results.json from the start to the end (also on failure), checkpoints/ loadable
-without running pickled code."""
+without running pickled code. torch loads only where a checkpoint is written or read, so
+that the report and `--help` read run directories without it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import os
 import socket
 import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from mtbert.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +153,8 @@ class RunDir:
             rejected.write(self.path / "rejected_rows.tsv")
 
     def save_model(self, model: torch.nn.Module, name: str = "best", meta: dict | None = None):
+        from safetensors.torch import save_file
+
         self.checkpoints.mkdir(exist_ok=True)
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         with atomic(self.checkpoints / f"{name}.safetensors") as tmp:
@@ -206,6 +210,8 @@ class ReadOnlyRunDir(RunDir):
 
 def load_model_weights(model: torch.nn.Module, path: str | os.PathLike):
     """Load a safetensors checkpoint into `model` (no pickle involved)."""
+    from safetensors.torch import load_file
+
     model.load_state_dict(load_file(str(path)))
 
 
@@ -235,6 +241,8 @@ def save_checkpoint(state: dict, path: Path):
     torch.save streams into the file through a writer that hashes what passes: building
     the bytes in memory first held the state two to three times over (0.26 GB each for
     MiniLM with AdamW), the peak of a run that saves mid-training (experiments/bench/memory.md)."""
+    import torch
+
     path.parent.mkdir(parents=True, exist_ok=True)
     following = _sibling(path, "next")
     with atomic(following) as tmp, open(tmp, "wb") as f:
@@ -310,6 +318,8 @@ def _verified_bytes(path: Path) -> bytes:
 def _load_intact(path: Path, data: bytes) -> dict:
     """torch.load of bytes whose digest matched: they are what was saved, so a failure here
     (no memory, a torch that cannot read them, pickled code) is no damage of the file."""
+    import torch
+
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
     except Exception as e:

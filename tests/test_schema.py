@@ -276,6 +276,23 @@ def test_help_and_hydras_own_errors_load_nothing_heavy(tmp_path):
     assert not imported(proc.stderr) & set(HEAVY)
 
 
+@pytest.mark.parametrize("module, args, loads", [
+    ("mtbert.predict", ("--help",), ()),
+    ("mtbert.predict", ("no-such-run",), ()),
+    ("mtbert.analyze", ("--help",), ()),
+    ("mtbert.analyze", ("no-such-run",), ()),
+    ("mtbert.bench", ("--help",), ()),
+    ("mtbert.bench", ("--no-such-flag",), ()),
+    ("mtbert.report", ("--help",), ("scipy",)),  # its statistics: no model
+], ids=lambda value: " ".join(value) if isinstance(value, tuple) else value)
+def test_the_tools_answer_help_and_a_wrong_folder_before_torch_loads(module, args, loads, tmp_path):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", module, *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (0 if args == ("--help",) else 2 if args[0].startswith("--") else 1), proc.stderr[-2000:]
+    assert "no-such-run" in proc.stderr or args[0].startswith("--")
+    assert imported(proc.stderr) & set(HEAVY) <= set(loads)
+
+
 def test_the_benches_check_the_configs_they_compose(tmp_path, monkeypatch):
     from mtbert.bench import load, speed
 

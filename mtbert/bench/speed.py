@@ -37,7 +37,6 @@ matmuls timed here in the same precision.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import json
@@ -58,6 +57,7 @@ from hydra.utils import instantiate
 from mtbert.batching import Batch
 from mtbert import schema
 from mtbert.bench import publish
+from mtbert.bench.cli import arguments
 from mtbert.data import RejectedRows, read_split
 from mtbert.device import autocast, resolve_device, resolve_precision
 from mtbert.errors import USER_ERRORS
@@ -155,7 +155,6 @@ class NaiveLoop:
     AdamW has mtbert's rates and settings, so only the implementation differs."""
 
     precision = "fp32"
-    updates = ("combined", "per_task")
 
     def __init__(self, cfg, train_tasks: list[str], device: torch.device, update: str = "combined"):
         self.update = update
@@ -703,41 +702,3 @@ def main(argv: list[str] | None = None) -> dict:
         sys.exit(f"error: {e}")
     publish(result, markdown(result), args.out)
     return result
-
-
-def arguments() -> argparse.ArgumentParser:
-    """The bench's command line: what it times, how long, and where it writes."""
-    parser = argparse.ArgumentParser(prog="python -m mtbert.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["minilm", "tiny", "bert_base"], default="minilm")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="of the bare and mtbert steps (the naive loop is fp32)")
-    parser.add_argument("--batch-size", type=int, default=32, help="per task")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant and round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the encoder (not the naive loop's); eval then includes its compilation")
-    parser.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
-                        help="time the full dev evaluation")
-    parser.add_argument("--train-steps", type=int, default=0, metavar="N",
-                        help="then a short real run: mtbert and the naive loop N steps each, both scored")
-    parser.add_argument("--compare-precision", action="store_true",
-                        help="also run mtbert adam in the other precision")
-    parser.add_argument("--compare-bucketing", action="store_true",
-                        help="also run mtbert adam without length bucketing")
-    parser.add_argument("--variant", action="append", default=[], metavar="'KEY=VALUE ...'",
-                        help="also time mtbert adam with these Hydra overrides (space-separated: one "
-                             "variant), and its speed ratio (repeatable)")
-    parser.add_argument("--naive-update", choices=NaiveLoop.updates, default="combined",
-                        help="the naive loop's AdamW steps: one on the summed loss (mtbert's update) "
-                             "or one after each task")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra Hydra override for every variant (repeatable)")
-    parser.add_argument("--out", action="append", default=[], metavar="PATH",
-                        help="write the result: .json or .md (repeatable)")
-    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure each variant's peak memory alone, in a process of its own, first")
-    parser.add_argument("--memory-of", metavar="VARIANT", help=argparse.SUPPRESS)  # the child of --memory
-    return parser
