@@ -337,3 +337,22 @@ def test_paper_claims_file_is_valid():
     claims = load_claims(PAPER_CLAIMS)
     rows = {c.a for claim in claims for c in claim.checks} | {c.b for claim in claims for c in claim.checks}
     assert set(PAPER) <= rows | {"milestone_baseline"} and "rro_hp_cs loss=baseline model.pair_encoding.sts=siamese" in rows
+
+
+def test_readings_name_the_row_the_validation_rows_rank_first(tmp_path):
+    """The follow-up row is chosen on the held-out rows, among the multitask rows with every
+    seed: not on dev (where `b` leads), not a single-task row, not a row with fewer seeds."""
+    sweep = tmp_path / "s"
+    scores = {"a": (0.75, 0.70), "b": (0.70, 0.80), "c": (0.90, 0.70), "single_sst": (0.95, 0.40)}
+    for i, (experiment, (validation, mean)) in enumerate(scores.items()):
+        for seed in (0, 1) if experiment != "c" else (0,):
+            path = sweep / f"{i}{seed}"
+            fake_job(path, experiment, seed, dev=dev(mean, mean, mean),
+                     tasks=["sst"] if experiment == "single_sst" else None)
+            results = json.loads((path / "results.json").read_text())
+            (path / "results.json").write_text(json.dumps({**results, "validation": {"mean": validation + seed / 100}}))
+    report([sweep], tmp_path / "out", claims_file=None)
+    readings = (tmp_path / "out" / "readings.md").read_text()
+    assert "- Highest mean validation score (2 seeds each, 2 multitask rows): a, 0.755; its dev mean 0.700." in readings
+    rows = {r["row"]: r for r in csv.DictReader(open(tmp_path / "out" / "table.csv"))}
+    assert float(rows["b"]["validation"]) == pytest.approx(0.705)

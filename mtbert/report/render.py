@@ -32,12 +32,12 @@ def has_paper_rows(rows: list[dict], keys: list[str]) -> bool:
 
 def markdown(rows: list[dict], keys: list[str]) -> str:
     paper = has_paper_rows(rows, keys)
-    head = ["row", *[label(k) + (" (paper)" if paper else "") for k in keys], "seeds", "steps",
-            "examples seen", "minutes", "notes"]
+    head = ["row", *[label(k) + (" (paper)" if paper else "") for k in keys], "seeds", "validation mean",
+            "steps", "examples seen", "minutes", "notes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["row"], *[cell(r, k, paper) for k in keys]]
-        cells += [f"{r['completed']}/{r['jobs']}", fmt(r["steps"], digits=0),
+        cells += [f"{r['completed']}/{r['jobs']}", fmt(r["validation"]), fmt(r["steps"], digits=0),
                   ", ".join(f"{t} {n:,.0f}" for t, n in r["examples_seen"].items()) or "-",
                   fmt(r["minutes"], digits=1), r["notes"] or ""]
         lines.append("| " + " | ".join(cells) + " |")
@@ -121,7 +121,7 @@ def write_csv(rows: list[dict], keys: list[str], path: Path):
     for k in keys:
         columns += [k, f"{k}_low", f"{k}_high", f"{k}_sd", f"{k}_min", f"{k}_max", f"{k}_paper",
                     f"{k}_seeds"]
-    columns += ["steps", "examples_seen", "minutes", "notes"]
+    columns += ["validation", "steps", "examples_seen", "minutes", "notes"]
     made_with = {f.replace(" ", "_"): f for f in MADE_WITH}
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns + list(made_with))
@@ -193,6 +193,7 @@ def readings(rows: list[dict], comparisons: list[dict], reference: str, claims: 
     on_dev = [f"{r['row']} ({r['on_dev']} of {r['completed']} seeds)" for r in rows if r["on_dev"]]
     if on_dev:
         lines.append(f"- Selected on dev, so dev both chose and scores their checkpoints: {', '.join(on_dev)}.")
+    lines += best_on_validation(rows)
     lines += [f"- {row} mixes runs made differently in {field} ({', '.join(values)}): reported with "
               "--allow-mixed." for row, field, values in mixed]
     for c in comparisons:
@@ -207,3 +208,17 @@ def readings(rows: list[dict], comparisons: list[dict], reference: str, claims: 
                            if isinstance(ch.comparison, stats.Comparison))
         lines.append(f"- Claim \"{claim.text}\": {claim.verdict_text}." + (f" Checks: {tested}." if tested else ""))
     return "\n".join(lines) + "\n"
+
+
+def best_on_validation(rows: list[dict]) -> list[str]:
+    """The multitask row with the highest mean score on the held-out validation rows, the
+    split that chose the checkpoints: a choice of row (say, for a follow-up run) that the
+    dev sets, which score the rows, take no part in. Rows with fewer seeds than the most
+    complete are left out, so that every candidate is a mean over the same seeds."""
+    most = max((r["completed"] for r in rows), default=0)
+    candidates = [r for r in rows if not r["single_task"] and r["completed"] == most and r["validation"] is not None]
+    if len(candidates) < 2:
+        return []
+    best = max(candidates, key=lambda r: r["validation"])
+    return [f"- Highest mean validation score ({most} seeds each, {len(candidates)} multitask rows): "
+            f"{best['row']}, {fmt(best['validation'])}; its dev mean {fmt(best['mean'])}."]

@@ -107,12 +107,15 @@ def metric_summary(key: str, values: dict[int, float], paper: float | None) -> d
 
 
 def run_costs(done: list[Job]) -> dict:
-    """What a row's completed runs took, as means over seeds: steps, examples seen per task, minutes."""
+    """What chose a row's checkpoints and what its runs took, as means over completed seeds:
+    the score on the held-out validation rows, steps, examples seen per task, minutes."""
     seen = defaultdict(list)
     for j in done:
         for task, n in j.results.get("examples_seen", {}).items():
             seen[task].append(n)
-    return {"steps": mean_or_none([j.results["steps"] for j in done]),
+    return {"validation": mean_or_none([j.results["validation"]["mean"] for j in done
+                                        if (j.results.get("validation") or {}).get("mean") is not None]),
+            "steps": mean_or_none([j.results["steps"] for j in done]),
             "examples_seen": {t: statistics.fmean(v) for t, v in sorted(seen.items())},
             "minutes": mean_or_none([j.results["train_seconds"] / 60 for j in done])}
 
