@@ -45,6 +45,26 @@ def test_gradient_checkpointing_changes_no_update(method, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+@pytest.mark.parametrize("option", [(), ("sharing=top_layers",), ("regularizer=smart",)], ids=" ".join)
+def test_gradient_checkpointing_in_bf16_with_dropout_is_bit_identical(option, tmp_path):
+    """As a default run trains (bf16 autocast, dropout on): the recomputed forward draws the
+    dropout masks the stored one drew (the RNG state is replayed), so every weight is equal
+    to the bit, and the checkpointed run's scores are the plain run's."""
+    common = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null", "trainer.precision=bf16",
+              "trainer.log_every_seconds=0", "data.validation=null", "trainer.max_steps=8", *option)
+    data = write_cs224n(tmp_path / "data", n=48)
+    runs = {}
+    for name, extra in (("plain", ()), ("ckpt", ("model.gradient_checkpointing=true",))):
+        trainer = Trainer(compose_config(*common, *extra, data=data, cache=tmp_path / "cache"), RunDir(tmp_path / name))
+        runs[name] = trainer, trainer.fit()
+        trainer.run.close()
+    (plain, a), (ckpt, b) = runs["plain"], runs["ckpt"]
+    assert checkpointing(ckpt) and not checkpointing(plain)
+    assert plain.setup.model.encoder.config.hidden_dropout_prob > 0 and a["dev"] == b["dev"]
+    x, y = plain.setup.model.state_dict(), ckpt.setup.model.state_dict()
+    assert all(torch.equal(x[k], y[k]) for k in x)
+
+
 @pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("optim=upgrad",), ("weighting=uw",),
                                     ("weighting=gradnorm",), ("weighting=famo", "optim=pcgrad")], ids=" ".join)
 def test_accumulated_micro_batches_make_the_whole_batch_update(method, tmp_path):
