@@ -102,10 +102,25 @@ class CosineHead(nn.Module):
         return F.cosine_similarity(u.float(), v.float(), dim=-1)
 
 
+def checkpoint_threshold(setting: bool | int) -> int | None:
+    """`model.gradient_checkpointing` as the padded tokens above which a batch's encoder
+    activations are recomputed in the backward instead of kept: None never, 0 every batch.
+    Recomputing replays the forward's dropout masks, so the gradients are the same to the
+    bit; the widest batches set a run's peak memory, and they are few."""
+    if setting is False or setting is None:
+        return None
+    if setting is True:
+        return 0
+    if isinstance(setting, int) and setting > 0:
+        return setting
+    raise ValueError(f"model.gradient_checkpointing must be true, false or a number of padded tokens > 0 "
+                     f"(batches wider than it recompute their activations), got {setting!r}")
+
+
 class MultitaskBert(nn.Module):
     def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], pair_encoding: dict[str, str],
                  source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool | int = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -114,8 +129,9 @@ class MultitaskBert(nn.Module):
         self.pooling = pooling
         self.encoder = load_encoder(source, random_init)
         self.encoder_trainable = True
-        if gradient_checkpointing:  # transformers' own; the non-reentrant kind allows PCGrad's repeated backward
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.checkpoint_above = checkpoint_threshold(gradient_checkpointing)
+        if self.checkpoint_above is not None:
+            self.checkpoint_encoder()
         family = self.encoder.config.model_type
         if pooling == "pooler" and getattr(self.encoder, "pooler", None) is None:
             raise ValueError(f"pooling=pooler: this {family} encoder has no pooler; use mean or cls")
@@ -132,6 +148,16 @@ class MultitaskBert(nn.Module):
             for name, task in tasks.items()
         })
         self.sharing = HardSharing()  # a `sharing` option attaches itself in its place (mtbert.build)
+
+    def checkpoint_encoder(self, **kwargs):
+        """transformers' activation checkpointing of the encoder (named `gradient_checkpointing_enable`
+        before transformers 5.24), in the non-reentrant form that PCGrad's repeated backward needs;
+        `kwargs` go to `torch.utils.checkpoint.checkpoint`."""
+        kwargs = {"use_reentrant": False, **kwargs}
+        if hasattr(self.encoder, "activation_checkpointing_enable"):
+            self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def compile_encoder(self):
         """torch.compile what each task's forward runs, in place, so the state_dict keys stay as they are."""
@@ -174,6 +200,11 @@ class MultitaskBert(nn.Module):
     def embed(self, batch: Batch, task: str | None = None) -> Tensor:
         """The pooled embedding; `task` where the tasks' encoders differ (top_layers, lora)."""
         encoder = self.sharing.encoder(self, task)
+        if self.checkpoint_above:  # only batches wider than the threshold recompute their activations
+            wide = batch.input_ids.numel() > self.checkpoint_above
+            for module in encoder.modules():  # the flag transformers' checkpointed layers read (the encoder's, before 5.0)
+                if isinstance(getattr(module, "gradient_checkpointing", None), bool):
+                    module.gradient_checkpointing = wide
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
             out = encoder(**self.encoder_inputs(batch))
         if self.pooling == "pooler":

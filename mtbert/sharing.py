@@ -249,10 +249,9 @@ class LoraAdapters(HardSharing):
                 inject_adapter_in_model(config, model.encoder, adapter_name=t)
         self.layers = [m for m in model.encoder.modules() if isinstance(m, BaseTunerLayer)]  # a list: not registered
         self.all_adapters = [p for t in model.heads for p in self.adapters(t)]
-        if any(getattr(m, "gradient_checkpointing", False) is True for m in model.encoder.modules()):
+        if model.checkpoint_above is not None:
             # model.gradient_checkpointing: recompute each layer with the adapter of its forward
-            model.encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": self.recompute_context})
+            model.checkpoint_encoder(context_fn=self.recompute_context)
         super().attach(model)
         model.set_encoder_trainable(True)
 
