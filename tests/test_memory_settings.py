@@ -4,6 +4,7 @@ trim after each prediction change no prediction, bit for bit, on the tiny model 
 (oneDNN's matmuls) and fp32; the trim hands free memory back; a checkpoint streamed to disk
 is the file it was; the bench measures each variant's memory in a process of its own."""
 
+import argparse
 import hashlib
 import io
 import json
@@ -132,7 +133,7 @@ def test_bench_measures_a_variant_alone_in_its_own_process(tmp_path, data_dir, m
     with pytest.raises(ValueError, match="no variant 'nope'"):
         speed.main([*argv, "--memory-of", "nope"])
 
-    args = speed.argparse.Namespace(argv=[*argv, "--memory-of-ignored"])  # a bad flag: the child fails
+    args = argparse.Namespace(argv=[*argv, "--memory-of-ignored"])  # a bad flag: the child fails
     failed = speed.memory_per_variant(args, ["naive"])
     assert "error" in failed["naive"]
     args.argv = argv
