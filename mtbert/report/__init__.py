@@ -31,8 +31,8 @@ from mtbert.report.plots import plot_bars, plot_curves, plot_seeds
 from mtbert.report.render import (claims_markdown, comparisons_markdown, delta_m_markdown, has_paper_rows,
                                   markdown, provenance_markdown, readings, write_comparisons_csv, write_csv)
 from mtbert.report.runs import find_jobs, running_note
-from mtbert.report.table import (MixedRunsError, compare, delta_m_rows, judge_claims, metric_keys, mixed_lines,
-                                 mixed_rows, refuse_mixed, summarize)
+from mtbert.report.table import (MixedRunsError, best_on_validation, compare, delta_m_rows, judge_claims,
+                                 metric_keys, mixed_lines, mixed_rows, refuse_mixed, summarize)
 
 __all__ = ["MixedRunsError", "PAPER", "label", "main", "report", "running_note"]
 
@@ -59,7 +59,8 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     claims = judge_claims(claims_file, rows, keys) if claims_file is not None else None
     text = table_markdown(rows, keys, reference, mixed, comparisons, delta_m, claims, claims_file)
     (out / "table.md").write_text(text)
-    (out / "readings.md").write_text(readings(rows, comparisons, reference, claims[0] if claims else None, mixed))
+    (out / "readings.md").write_text(readings(rows, comparisons, reference, claims[0] if claims else None, mixed,
+                                              best_on_validation(rows)))
     write_csv(rows, keys, out / "table.csv")
     write_comparisons_csv(comparisons, out / "comparisons.csv")
     plot_bars(rows, keys, out / "bars.png")

@@ -113,11 +113,30 @@ def run_costs(done: list[Job]) -> dict:
     for j in done:
         for task, n in j.results.get("examples_seen", {}).items():
             seen[task].append(n)
-    return {"validation": mean_or_none([j.results["validation"]["mean"] for j in done
-                                        if (j.results.get("validation") or {}).get("mean") is not None]),
+    validation = {j.seed: j.results["validation"]["mean"] for j in done
+                  if (j.results.get("validation") or {}).get("mean") is not None}
+    return {"validation": mean_or_none(list(validation.values())), "validation_seeds": validation,
             "steps": mean_or_none([j.results["steps"] for j in done]),
             "examples_seen": {t: statistics.fmean(v) for t, v in sorted(seen.items())},
             "minutes": mean_or_none([j.results["train_seconds"] / 60 for j in done])}
+
+
+def best_on_validation(rows: list[dict]) -> dict | None:
+    """The multitask row with the highest mean score on the held-out validation rows, the
+    split that chose the checkpoints: a choice of row (say, for a follow-up run) that the
+    dev sets, which score the rows, take no part in. Every row is averaged over the seeds
+    all of them completed, so that no row is compared on seeds the others lack."""
+    candidates = [r for r in rows if not r["single_task"] and r["validation_seeds"]]
+    seeds = sorted(set.intersection(*(set(r["validation_seeds"]) for r in candidates))) if candidates else []
+    if len(candidates) < 2 or not seeds:
+        return None
+
+    def over_seeds(r: dict, key: str) -> float | None:
+        return mean_or_none([r[key][s] for s in seeds if s in r[key]])
+
+    best = max(candidates, key=lambda r: over_seeds(r, "validation_seeds"))
+    return {"row": best["row"], "seeds": seeds, "rows": len(candidates),
+            "validation": over_seeds(best, "validation_seeds"), "mean": over_seeds(best, "mean_seeds")}
 
 
 def mean_or_none(values: list[float]) -> float | None:
