@@ -23,6 +23,8 @@ labels and Table 1 are `mtbert.paper`'s.
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from mtbert import claims as claims_module
@@ -39,9 +41,10 @@ __all__ = ["MixedRunsError", "PAPER", "label", "main", "report", "running_note"]
 
 def report(folders: list[Path], out: Path | None = None, reference: str | None = None,
            claims_file: Path | None = claims_module.PAPER_CLAIMS, data_root: str | None = None,
-           allow_mixed: bool = False) -> str:
+           allow_mixed: bool = False, command: str = "python -m mtbert.report") -> str:
     """Write the report's files to `out` and return table.md's text. A row whose runs were
-    made differently (MADE_WITH) stops it, naming the runs, unless `allow_mixed`."""
+    made differently (MADE_WITH) stops it, naming the runs, unless `allow_mixed`. `command`,
+    the command line that asked for it, heads readings.md."""
     jobs = find_jobs(folders)
     keys = metric_keys(jobs)
     rows = summarize(jobs, keys)
@@ -60,7 +63,7 @@ def report(folders: list[Path], out: Path | None = None, reference: str | None =
     text = table_markdown(rows, keys, reference, mixed, comparisons, delta_m, claims, claims_file)
     (out / "table.md").write_text(text)
     (out / "readings.md").write_text(readings(rows, comparisons, reference, claims[0] if claims else None, mixed,
-                                              best_on_validation(rows)))
+                                              best_on_validation(rows), command))
     write_csv(rows, keys, out / "table.csv")
     write_comparisons_csv(comparisons, out / "comparisons.csv")
     plot_bars(rows, keys, out / "bars.png")
@@ -121,10 +124,11 @@ def main(argv=None):
     parser.add_argument("--allow-mixed", action="store_true", help="report rows whose runs differ in "
                         "precision, device, code or checkpoint selection, with a warning in table.md "
                         "(default: refuse them)")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     try:
         print(report(args.folders, args.out, args.reference, None if args.no_claims else args.claims,
-                     args.data_root, args.allow_mixed))
+                     args.data_root, args.allow_mixed, shlex.join([*parser.prog.split(), *argv])))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print(f"\nwritten to {args.out or args.folders[0]}: table.md, readings.md, table.csv, "
