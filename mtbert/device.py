@@ -26,7 +26,10 @@ def resolve_device(name: str) -> torch.device:
 
 def native_bf16_cpu() -> str | None:
     """The instructions that compute bf16 on this CPU (AVX512_BF16 or AMX), or None: there
-    torch emulates bf16, and it is slower than fp32."""
+    torch emulates bf16, and it is slower than fp32. Also None where torch's kernels are
+    capped below AVX-512 (`ATEN_CPU_CAPABILITY=avx2`): they then emulate bf16 on any CPU."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return None
     for name, probe in (("AMX", "_is_amx_tile_supported"), ("AVX512_BF16", "_is_avx512_bf16_supported")):
         if getattr(torch.cpu, probe, lambda: False)():
             return name
@@ -48,9 +51,12 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, str]:
         if major == 7:
             return "fp16", f"auto: compute capability {major}.{minor} has fp16 tensor cores but no bf16 units"
         return "fp32", f"auto: compute capability {major}.{minor} has neither bf16 units nor fp16 tensor cores"
-    if device.type == "cpu" and (isa := native_bf16_cpu()):
-        return "bf16", f"auto: the CPU computes bf16 natively ({isa})"
-    return "fp32", f"auto: the {device.type} has no native bf16 (AVX512_BF16 or AMX)"
+    if device.type == "cpu":
+        if isa := native_bf16_cpu():
+            return "bf16", f"auto: the CPU computes bf16 natively ({isa})"
+        return "fp32", (f"auto: no native bf16 (AVX512_BF16 or AMX, with torch's kernels at AVX-512; "
+                        f"they run at {torch.backends.cpu.get_cpu_capability()})")
+    return "fp32", f"auto: the {device.type} has no native bf16"
 
 
 def autocast(device: torch.device, precision: str):

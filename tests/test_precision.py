@@ -34,6 +34,13 @@ def test_auto_on_cpus_by_native_bf16(avx512_bf16, amx, expected, monkeypatch):
     assert resolve_precision("fp16", torch.device("cpu")) == ("fp16", "trainer.precision=fp16")
 
 
+def test_auto_is_fp32_where_torchs_kernels_are_capped_below_avx512(monkeypatch):
+    """`ATEN_CPU_CAPABILITY=avx2` on a CPU with AVX512_BF16: the kernels would emulate bf16."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert resolve_precision("auto", torch.device("cpu"))[0] == "fp32"
+
+
 def run(tmp_path, name, *overrides):
     data = write_cs224n(tmp_path / "data", n=48)
     cfg = compose_config("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
