@@ -24,6 +24,7 @@ from mtbert.device import autocast
 from mtbert.diagnostics import conflict_summary, plot_grad_conflict
 from mtbert.evaluate import evaluate, format_metrics, selection_score
 from mtbert.guards import Interrupted, NonFiniteLoss, NonFiniteWatch, StopSignals, nonfinite_tasks
+from mtbert.memory import release_memory
 from mtbert.meters import Clock, Every, LossMeter, duration
 from mtbert.resume import check_resumable, rank_generators, restore_rank_generators
 from mtbert.scaling import scaled_step, step_gradients
@@ -233,6 +234,8 @@ class Trainer:
                 self.set_phase()
                 batches = self.next_batches(step_tasks)
                 meter.add(self.training_step(batches))
+                if s.device.type == "cpu":  # glibc keeps the step's activations: 150 MiB off fp32's peak for 2% of a step
+                    release_memory()
                 self.count(batches)
                 self.elapsed = clock.elapsed()
                 due = distributed.agree(log=log_every.due(), save=save_every.due(), stop=stop.received is not None,

@@ -1,7 +1,8 @@
 """The memory settings (mtbert/memory.py, issue 36, experiments/bench/memory.md): the bounded
 kernel caches (oneDNN's and ideep's, set as the mtbert package loads) and the allocator
 trim after each prediction change no prediction, bit for bit, on the tiny model in bf16
-(oneDNN's matmuls) and fp32; the trim hands free memory back; a checkpoint streamed to disk
+(oneDNN's matmuls) and fp32; the trim after each training step changes no loss; the trim
+hands free memory back; a checkpoint streamed to disk
 is the file it was; the bench measures each variant's memory in a process of its own."""
 
 import argparse
@@ -14,9 +15,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, compose_config
 
-from mtbert import memory, rundir
+from mtbert import memory, rundir, trainer
 from mtbert.bench import speed
 
 CHILD = r"""
@@ -88,6 +89,27 @@ def test_kernel_cache_bounds_leave_a_users_setting_alone():
     chosen = memory.limit_kernel_caches(environ)
     assert environ == {**memory.KERNEL_CACHES, "LRU_CACHE_CAPACITY": "7"}
     assert chosen == {k: v for k, v in memory.KERNEL_CACHES.items() if k != "LRU_CACHE_CAPACITY"}
+
+
+def test_the_trim_after_each_training_step_changes_no_loss(tmp_path, data_dir, monkeypatch):
+    """A CPU run hands glibc's free pages back after every step; the losses are the bits
+    they are without it."""
+
+    def losses(name: str, trim) -> list[float]:
+        monkeypatch.setattr(trainer, "release_memory", trim)
+        cfg = compose_config("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null",
+                             "trainer.log_every_seconds=0", "trainer.max_steps=5", "data.validation=null",
+                             data=data_dir, cache=tmp_path / "cache")
+        run = trainer.Trainer(cfg, rundir.RunDir(tmp_path / name))
+        run.fit()
+        run.run.close()
+        events = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [e["loss"] for e in events if e["event"] == "train"]
+
+    trims = []
+    trimmed = losses("trimmed", lambda: (trims.append(1), memory.release_memory()))
+    assert len(trims) == 5
+    assert trimmed == losses("kept", lambda: None) and len(trimmed) == 5
 
 
 TRIM_CHILD = r"""

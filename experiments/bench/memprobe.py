@@ -1,6 +1,6 @@
 """Peak resident memory (RSS) of a `train.py` run, phase by phase (issue 36).
 
-    python experiments/bench/memprobe.py [--out FILE.json] [--saved] [--trim-every K] -- OVERRIDES...
+    python experiments/bench/memprobe.py [--out FILE.json] [--saved] -- OVERRIDES...
 
 Runs `train.py OVERRIDES` in this process with the phases of a run wrapped: imports,
 setup (model load, data), training steps, evaluations (each task's predictions), the
@@ -10,9 +10,8 @@ phase's peak is exact, not sampled, and the run's peak is the largest of them. (
 also resets what `/usr/bin/time -v` reports: take the run's peak from this report.)
 
 `--saved` counts the bytes autograd keeps for backward in each training step (the
-activations), through `torch.autograd.graph.saved_tensors_hooks`. `--trim-every K` hands
-glibc's free pages back (`mtbert.memory.release_memory`) after every K-th training step,
-outside the step's phase. Nothing here changes a number.
+activations), through `torch.autograd.graph.saved_tensors_hooks`. Nothing here changes a
+number.
 """
 
 from __future__ import annotations
@@ -113,7 +112,6 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--saved", action="store_true", help="count the bytes saved for backward per step")
-    parser.add_argument("--trim-every", type=int, metavar="K", help="malloc_trim after every K-th training step")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     probe = Phases()
@@ -163,19 +161,6 @@ def main():
 
         trainer.Trainer.training_step = counted
 
-    if args.trim_every:
-        from mtbert.memory import release_memory
-        probed_step, steps = trainer.Trainer.training_step, [0]
-
-        def trimmed(self, batches):
-            out = probed_step(self, batches)
-            steps[0] += 1
-            if steps[0] % args.trim_every == 0:
-                release_memory()
-            return out
-
-        trainer.Trainer.training_step = trimmed
-
     sys.argv = [str(ROOT / "train.py"), *args.overrides]
     os.chdir(ROOT)
     import runpy
@@ -187,7 +172,6 @@ def main():
     out = probe.report()
     out["threads"] = torch.get_num_threads()
     out["overrides"] = args.overrides
-    out["trim_every"] = args.trim_every
     out["env"] = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "ONEDNN_", "OMP_", "DNNL_"))}
     if saved:
         out["saved_for_backward_bytes"] = {"max": max(saved), "median": sorted(saved)[len(saved) // 2],
