@@ -102,40 +102,25 @@ class CosineHead(nn.Module):
         return F.cosine_similarity(u.float(), v.float(), dim=-1)
 
 
-# `model.gradient_checkpointing=auto`: the padded tokens above which a batch recomputes, by
-# the bytes of one activation, so that fp32 (4 bytes) keeps the activation memory 16-bit
-# autocast keeps at 2048; for MiniLM on 2 CPU threads that puts fp32's peak under 2 GB, for
-# a fifth more fp32 training time (experiments/bench/memory.md)
-AUTO_CHECKPOINTING = {2: 2048, 4: 1024}
-
-
-def checkpoint_threshold(setting: bool | int | str) -> int | str | None:
+def checkpoint_threshold(setting: bool | int) -> int | None:
     """`model.gradient_checkpointing` as the padded tokens above which a batch's encoder
-    activations are recomputed in the backward instead of kept: None never, 0 every batch,
-    'auto' by the precision the batch runs at (`AUTO_CHECKPOINTING`). Recomputing replays
-    the forward's dropout masks, so the gradients are the same to the bit; the widest
-    batches set a run's peak memory, and they are few."""
+    activations are recomputed in the backward instead of kept: None never, 0 every batch.
+    Recomputing replays the forward's dropout masks, so the gradients are the same to the
+    bit; the widest batches set a run's peak memory, and they are few."""
     if setting is False or setting is None:
         return None
     if setting is True:
         return 0
-    if setting == "auto" or isinstance(setting, int) and setting > 0:
+    if isinstance(setting, int) and setting > 0:
         return setting
-    raise ValueError(f"model.gradient_checkpointing must be true, false, auto or a number of padded tokens > 0 "
+    raise ValueError(f"model.gradient_checkpointing must be true, false or a number of padded tokens > 0 "
                      f"(batches wider than it recompute their activations), got {setting!r}")
-
-
-def activation_bytes(device: torch.device) -> int:
-    """The bytes of one encoder activation here: 2 under bf16 or fp16 autocast, else 4."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type).itemsize
-    return 4
 
 
 class MultitaskBert(nn.Module):
     def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], pair_encoding: dict[str, str],
                  source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
-                 gradient_checkpointing: bool | int | str = False):
+                 gradient_checkpointing: bool | int = False):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -216,10 +201,7 @@ class MultitaskBert(nn.Module):
         """The pooled embedding; `task` where the tasks' encoders differ (top_layers, lora)."""
         encoder = self.sharing.encoder(self, task)
         if self.checkpoint_above:  # only batches wider than the threshold recompute their activations
-            above = self.checkpoint_above
-            if above == "auto":
-                above = AUTO_CHECKPOINTING[activation_bytes(batch.input_ids.device)]
-            wide = batch.input_ids.numel() > above
+            wide = batch.input_ids.numel() > self.checkpoint_above
             for module in encoder.modules():  # the flag transformers' checkpointed layers read (the encoder's, before 5.0)
                 if isinstance(getattr(module, "gradient_checkpointing", None), bool):
                     module.gradient_checkpointing = wide

@@ -6,7 +6,7 @@ import torch
 from transformers.modeling_layers import GradientCheckpointingLayer  # the layers of transformers >= 5.0
 from conftest import compose_config, write_cs224n
 
-from mtbert.batching import Batch, collate
+from mtbert.batching import collate
 from mtbert.build import Setup
 from mtbert.device import autocast
 from mtbert.gradients import Sum
@@ -75,25 +75,10 @@ def test_gradient_checkpointing_in_bf16_with_dropout_is_bit_identical(option, se
 
 
 @pytest.mark.parametrize("setting", [0, -5, 1.5, "wide"])
-def test_gradient_checkpointing_takes_true_false_auto_or_a_token_count(setting):
-    with pytest.raises(ValueError, match="model.gradient_checkpointing must be true, false, auto or a number"):
+def test_gradient_checkpointing_takes_true_false_or_a_token_count(setting):
+    with pytest.raises(ValueError, match="model.gradient_checkpointing must be true, false or a number"):
         checkpoint_threshold(setting)
-    assert [checkpoint_threshold(s) for s in (False, True, 2048, "auto")] == [None, 0, 2048, "auto"]
-
-
-@pytest.mark.parametrize("precision, recomputes", [("fp32", {1000: False, 1100: True}),
-                                                   ("bf16", {1100: False, 2000: False, 2100: True})])
-def test_auto_checkpointing_recomputes_from_half_the_tokens_in_fp32(precision, recomputes, tmp_path):
-    """`auto` gives fp32, whose activations take twice bf16's bytes, half bf16's threshold
-    (1024 padded tokens against 2048): the same activation memory in both."""
-    s = built(tmp_path, "model.gradient_checkpointing=auto", f"trainer.precision={precision}")
-    layer = next(m for m in s.model.modules() if isinstance(m, GradientCheckpointingLayer))
-    for tokens, wide in recomputes.items():
-        ids = torch.ones(tokens // 20, 20, dtype=torch.long)  # rows of 20 padded tokens
-        batch = Batch(ids, torch.ones_like(ids), None, None, torch.arange(len(ids)))
-        with autocast(s.device, s.precision):
-            s.model.embed(batch)
-        assert layer.gradient_checkpointing is wide, tokens
+    assert (checkpoint_threshold(False), checkpoint_threshold(True), checkpoint_threshold(2048)) == (None, 0, 2048)
 
 
 @pytest.mark.parametrize("method", [("optim=adam",), ("optim=pcgrad",), ("optim=upgrad",), ("weighting=uw",),
