@@ -75,6 +75,7 @@ def test_additive_mask_gives_the_encoders_own_output(attention):
     torch.testing.assert_close(ours[real], own[real])
 
 
+@pytest.mark.slow  # torch.compile's first compilation: 15 s of the quick loop on an AVX2 CPU
 def test_compiled_encoder_trains_like_the_eager_one(tmp_path, data_dir):
     """trainer.compile=true (PCGrad: backward with retain_graph); dropout off, since
     compiled code draws its own random numbers."""

@@ -47,30 +47,51 @@ def test_gradient_checkpointing_changes_no_update(method, tmp_path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-7, msg=k)
 
 
+BF16 = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null", "trainer.precision=bf16",
+        "trainer.log_every_seconds=0", "data.validation=null", "trainer.max_steps=8")
+OPTIONS = [(), ("sharing=top_layers",), ("sharing=lora", "sharing.train_base=true"), ("regularizer=smart",)]
+
+
+def bf16_run(tmp_path, name, option, setting) -> tuple[dict, set, dict]:
+    """A default-like run (bf16, dropout on) with `model.gradient_checkpointing=setting`: its
+    results, whether its training forwards were recomputed, and its weights."""
+    data = write_cs224n(tmp_path / "data", n=48)
+    cfg = compose_config(*BF16, *option, f"model.gradient_checkpointing={setting}", data=data, cache=tmp_path / "cache")
+    trainer = Trainer(cfg, RunDir(tmp_path / name))
+    layer = next(m for m in trainer.setup.model.modules() if isinstance(m, GradientCheckpointingLayer))
+    recomputed = set()
+    layer.register_forward_pre_hook(  # in training: whether this forward is recomputed in the backward
+        lambda m, args: recomputed.add(m.gradient_checkpointing) if m.training else None)
+    assert trainer.setup.model.encoder.config.hidden_dropout_prob > 0
+    results = trainer.fit()
+    trainer.run.close()
+    return results, recomputed, trainer.setup.model.state_dict()
+
+
+@pytest.fixture(scope="module")
+def plain_bf16_run(tmp_path_factory):
+    """An option's run without checkpointing, made once (in each worker that needs it) for
+    both settings it is compared with."""
+    runs = {}
+
+    def run(option):
+        if option not in runs:
+            runs[option] = bf16_run(tmp_path_factory.mktemp("plain"), "plain", option, "false")
+        return runs[option]
+    return run
+
+
 @pytest.mark.parametrize("setting", ["true", "100"])
-@pytest.mark.parametrize("option", [(), ("sharing=top_layers",), ("sharing=lora", "sharing.train_base=true"),
-                                    ("regularizer=smart",)], ids=" ".join)
-def test_gradient_checkpointing_in_bf16_with_dropout_is_bit_identical(option, setting, tmp_path):
+@pytest.mark.parametrize("option", OPTIONS, ids=" ".join)
+def test_gradient_checkpointing_in_bf16_with_dropout_is_bit_identical(option, setting, plain_bf16_run, tmp_path):
     """As a default run trains (bf16 autocast, dropout on): the recomputed forward draws the
     dropout masks the stored one drew (the RNG state is replayed), so every weight is equal
     to the bit, and the scores are the plain run's. With a threshold (100 padded tokens:
     these SST batches have 72, Quora's 112-128 and STS's 144) only the wider batches recompute."""
-    common = ("model=tiny", "budget=smoke", "logger=none", "trainer.max_seconds=null", "trainer.precision=bf16",
-              "trainer.log_every_seconds=0", "data.validation=null", "trainer.max_steps=8", *option)
-    data = write_cs224n(tmp_path / "data", n=48)
-    runs, recomputed = {}, {"plain": set(), "ckpt": set()}
-    for name, extra in (("plain", ("model.gradient_checkpointing=false",)),
-                        ("ckpt", (f"model.gradient_checkpointing={setting}",))):
-        trainer = Trainer(compose_config(*common, *extra, data=data, cache=tmp_path / "cache"), RunDir(tmp_path / name))
-        layer = next(m for m in trainer.setup.model.modules() if isinstance(m, GradientCheckpointingLayer))
-        layer.register_forward_pre_hook(  # in training: whether this forward is recomputed in the backward
-            lambda m, args, seen=recomputed[name]: seen.add(m.gradient_checkpointing) if m.training else None)
-        runs[name] = trainer, trainer.fit()
-        trainer.run.close()
-    (plain, a), (ckpt, b) = runs["plain"], runs["ckpt"]
-    assert recomputed == {"plain": {False}, "ckpt": {True} if setting == "true" else {False, True}}
-    assert plain.setup.model.encoder.config.hidden_dropout_prob > 0 and a["dev"] == b["dev"]
-    x, y = plain.setup.model.state_dict(), ckpt.setup.model.state_dict()
+    a, plain, x = plain_bf16_run(option)
+    b, ckpt, y = bf16_run(tmp_path, "ckpt", option, setting)
+    assert (plain, ckpt) == ({False}, {True} if setting == "true" else {False, True})
+    assert a["dev"] == b["dev"]
     assert all(torch.equal(x[k], y[k]) for k in x)
 
 
