@@ -138,6 +138,7 @@ def stopped_run(tmp_path, data_dir, name="run", at_step=3):
     return run_dir, results
 
 
+@pytest.mark.slow  # stops a run and resumes it (test_resume keeps one such test in the quick loop)
 def test_resume_on_other_data_refuses_and_the_same_data_moved_proceeds(tmp_path, data_dir):
     run_dir, stopped = stopped_run(tmp_path, data_dir)
     assert stopped["steps"] >= 3 and stopped["examples_seen"], "an interrupted run records how far it came"
@@ -159,6 +160,7 @@ def test_resume_on_other_data_refuses_and_the_same_data_moved_proceeds(tmp_path,
     assert done["status"] == "completed" and done["data"]["sts"]["train"]["path"] == str(moved / "sts-train.csv")
 
 
+@pytest.mark.slow  # stops a run and resumes it (test_resume keeps one such test in the quick loop)
 def test_resume_with_every_checkpoint_deleted_refuses(tmp_path, data_dir):
     run_dir, _ = stopped_run(tmp_path, data_dir)
     for f in (run_dir / "checkpoints").glob("last*"):
