@@ -8,13 +8,13 @@ activation checkpointing, as `model.gradient_checkpointing` turns it on for a wi
 it acts only in training mode.
 """
 
-import ctypes
 import sys
 import threading
 import time
 
 import torch
 
+from mtbert.memory import release_memory
 from mtbert.model import load_encoder
 
 
@@ -36,7 +36,7 @@ def main():
 
     step()
     encoder.zero_grad(set_to_none=True)
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    release_memory()
     base, peak, done = rss_mib(), [0], threading.Event()
 
     def watch():
