@@ -50,3 +50,17 @@ def release_memory():
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def trim_before_backward(layer, args, output):
+    """Forward hook of an encoder layer: when the layer recomputes its activations (a wide
+    batch under `model.gradient_checkpointing`), glibc's free memory is handed back just
+    before the layer's backward. Each layer's recomputation allocates its activations anew,
+    and glibc, rather than reuse the blocks the layer above freed, grows its heap: one
+    32 x 128-token batch in fp32 added 805 MiB to the resident set where its tensors need
+    about 250 (experiments/bench/memory.md). CPU only: a GPU's activations are not glibc's."""
+    if not (layer.training and layer.gradient_checkpointing):
+        return
+    hidden = output if hasattr(output, "register_hook") else output[0]  # a tensor, or a tuple or ModelOutput
+    if hidden.requires_grad and hidden.device.type == "cpu":
+        hidden.register_hook(lambda grad: release_memory())

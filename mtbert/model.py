@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 from mtbert.batching import Batch
 from mtbert.data import Task
 from mtbert.losses import Objective
+from mtbert.memory import trim_before_backward
 from mtbert.sharing import HardSharing, SharedLayer
 
 POOLINGS = ("mean", "cls", "pooler")
@@ -117,6 +118,12 @@ def checkpoint_threshold(setting: bool | int) -> int | None:
                      f"(batches wider than it recompute their activations), got {setting!r}")
 
 
+def checkpointed_modules(encoder: nn.Module) -> list[nn.Module]:
+    """The modules whose `gradient_checkpointing` flag transformers reads: each layer (and
+    the model) since transformers 5.0, the encoder before."""
+    return [m for m in encoder.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+
 class MultitaskBert(nn.Module):
     def __init__(self, tasks: dict[str, Task], objectives: dict[str, Objective], pair_encoding: dict[str, str],
                  source: str, random_init: dict | None = None, pooling: str = "mean", dropout: float = 0.1,
@@ -158,6 +165,8 @@ class MultitaskBert(nn.Module):
             self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        for module in checkpointed_modules(self.encoder):
+            module.register_forward_hook(trim_before_backward)
 
     def compile_encoder(self):
         """torch.compile what each task's forward runs, in place, so the state_dict keys stay as they are."""
@@ -202,9 +211,8 @@ class MultitaskBert(nn.Module):
         encoder = self.sharing.encoder(self, task)
         if self.checkpoint_above:  # only batches wider than the threshold recompute their activations
             wide = batch.input_ids.numel() > self.checkpoint_above
-            for module in encoder.modules():  # the flag transformers' checkpointed layers read (the encoder's, before 5.0)
-                if isinstance(getattr(module, "gradient_checkpointing", None), bool):
-                    module.gradient_checkpointing = wide
+            for module in checkpointed_modules(encoder):
+                module.gradient_checkpointing = wide
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.encoder_trainable):
             out = encoder(**self.encoder_inputs(batch))
         if self.pooling == "pooler":

