@@ -122,7 +122,9 @@ class Trainer:
         losses = {}
 
         def each_task():
-            for t, batch in batches.items():
+            for n, (t, batch) in enumerate(batches.items()):
+                if n and self.setup.device.type == "cpu":  # glibc would keep the task before's activations' pages
+                    release_memory()
                 losses.update(self.task_losses({t: batch}))
                 yield self.scaled({t: losses[t]})
 

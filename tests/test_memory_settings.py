@@ -91,9 +91,9 @@ def test_kernel_cache_bounds_leave_a_users_setting_alone():
     assert chosen == {k: v for k, v in memory.KERNEL_CACHES.items() if k != "LRU_CACHE_CAPACITY"}
 
 
-def test_the_trim_after_each_training_step_changes_no_loss(tmp_path, data_dir, monkeypatch):
-    """A CPU run hands glibc's free pages back after every step; the losses are the bits
-    they are without it."""
+def test_the_trim_after_each_tasks_backward_changes_no_loss(tmp_path, data_dir, monkeypatch):
+    """A CPU run hands glibc's free pages back after each task's backward (the step's three
+    tasks: two in the step, one after it); the losses are the bits they are without it."""
 
     def losses(name: str, trim) -> list[float]:
         monkeypatch.setattr(trainer, "release_memory", trim)
@@ -108,7 +108,7 @@ def test_the_trim_after_each_training_step_changes_no_loss(tmp_path, data_dir, m
 
     trims = []
     trimmed = losses("trimmed", lambda: (trims.append(1), memory.release_memory()))
-    assert len(trims) == 5
+    assert len(trims) == 5 * 3
     assert trimmed == losses("kept", lambda: None) and len(trimmed) == 5
 
 
