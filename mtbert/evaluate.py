@@ -37,11 +37,12 @@ def predict(model, task: Task, objective: Objective, enc: Encoded, device, preci
         predictions.append(output(head, task).float())
         order.append(batch.index)
         progress.advance(float(batch.attention_mask.sum()), len(batch.index))  # the host's copy: no device sync
+        if torch.device(device).type == "cpu":  # each batch is wider than the last: glibc would keep the narrower ones' blocks
+            release_memory()
     model.train(was_training)
     predictions = torch.cat(predictions).cpu()  # the one wait for the device
     out = torch.empty(len(enc), *predictions.shape[1:])
     out[torch.cat(order)] = predictions
-    release_memory()  # the batches' activations, held free by the allocator
     return out
 
 
