@@ -57,8 +57,9 @@ def trim_before_backward(layer, args, output):
     batch under `model.gradient_checkpointing`), glibc's free memory is handed back just
     before the layer's backward. Each layer's recomputation allocates its activations anew,
     and glibc, rather than reuse the blocks the layer above freed, grows its heap: one
-    32 x 128-token batch in fp32 added 805 MiB to the resident set where its tensors need
-    about 250 (experiments/bench/memory.md). CPU only: a GPU's activations are not glibc's."""
+    32 x 128-token batch in fp32 added 806 MiB to the resident set where its tensors need
+    252, and 351 with this hook (experiments/bench/memory.md). CPU only: a GPU's
+    activations are not glibc's."""
     if not (layer.training and layer.gradient_checkpointing):
         return
     hidden = output if hasattr(output, "register_hook") else output[0]  # a tensor, or a tuple or ModelOutput
