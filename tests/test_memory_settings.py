@@ -1,7 +1,7 @@
 """The memory settings (mtbert/memory.py, issue 36, experiments/bench/memory.md): the bounded
 kernel caches (oneDNN's and ideep's, set as the mtbert package loads) and the allocator
 trim after each prediction batch change no prediction, bit for bit, on the tiny model in bf16
-(oneDNN's matmuls) and fp32; the trim after each training step changes no loss; the trim
+(oneDNN's matmuls) and fp32; the trims after each task's backward change no loss; the trim
 hands free memory back; a checkpoint streamed to disk
 is the file it was; the bench measures each variant's memory in a process of its own."""
 
